@@ -1,0 +1,39 @@
+"""The recipe's settings (Unet-efficientnetb5, 512 px tiles, 4 folds); variants override."""
+import ml_collections
+
+from jaxseg.augment import default_augment_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    # Data: a folder of `<id>-<count>.tfrec` files in the recipe's format.
+    config.data_dir = ""
+    config.image_size = 512
+    config.num_folds = 4
+    config.folds = "all"               # or a comma list such as "0,2"
+    config.seed = 0
+    config.deterministic = False       # True: reproducible data order (slower reads)
+    config.shuffle_buffer = 128
+    config.augment = default_augment_config()
+
+    # Model.
+    config.backbone = "efficientnetb5"
+    config.init_from = ""              # a folder written by `python -m jaxseg.convert`
+    config.normalize_input = False     # the recipe feeds raw 0..255 pixels
+    config.drop_connect_rate = 0.2
+    config.depthwise_impl = "auto"     # 'native', 'shifted', or 'auto' (shifted on CPU)
+    config.half_precision = False      # bfloat16 compute, float32 parameters and loss
+
+    # Optimisation.
+    config.epochs = 60
+    config.per_device_batch_size = 8
+    config.steps_per_epoch = -1        # -1: training images // global batch, as the recipe
+    config.learning_rate = 2.5e-4
+    config.loss = "dice"               # or 'bce_dice'
+    config.encoder_freeze_epochs = 0   # segmentation_models' encoder_freeze pre-training
+    config.plateau_factor = 0.1        # ReduceLROnPlateau on val_loss
+    config.plateau_patience = 8
+    config.plateau_min_delta = 1e-4
+    config.min_learning_rate = 1e-5
+    config.early_stopping_patience = 15  # EarlyStopping on val_dice_coe
+    return config

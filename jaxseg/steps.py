@@ -1,0 +1,108 @@
+"""Pure per-device train and eval steps; `parallel.data_parallel` maps them over devices.
+
+Both steps reduce over the device axis *inside* the loss and metrics (sums of
+per-device statistics, then the ratio), so with synchronised BatchNorm an N-device step
+computes the recipe's global-batch loss and gradient exactly. The gradient of that
+replicated loss with respect to the replicated parameters already carries the sum over
+devices (shard_map transposes the implicit broadcast of the parameters into a psum), so
+no further pmean of the gradients is needed; tests check the result against the same
+batch on one device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxseg import losses
+from jaxseg.parallel import AXIS
+
+ENCODER = "encoder"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def make_optimizer() -> optax.GradientTransformation:
+    """Adam without the step size: the learning rate is a step argument so the host-side
+    plateau controller can change it without touching the compiled program.
+
+    epsilon 1e-7 is tf.keras' Adam default (optax's is 1e-8).
+    """
+    return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7)
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"],
+                      opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(seed))
+
+
+def _sum_over_devices(x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, AXIS)
+
+
+def _zero_encoder(tree: dict) -> dict:
+    return {name: jax.tree.map(jnp.zeros_like, sub) if name == ENCODER else sub
+            for name, sub in tree.items()}
+
+
+def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, loss_name: str,
+               freeze_encoder: bool) -> tuple[TrainState, dict]:
+    """One Adam step on the global batch.
+
+    With `freeze_encoder` the encoder neither learns nor updates its BatchNorm statistics
+    (segmentation_models' `encoder_freeze`): its gradients are zero from the first step,
+    so Adam's moments and updates for it stay exactly zero.
+    """
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                     jax.lax.axis_index(AXIS))
+    weights = jnp.ones(batch["image"].shape[:1], jnp.float32)
+
+    def loss_fn(params):
+        logits, new_model_state = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            freeze_encoder=freeze_encoder, rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"])
+        loss = losses.loss_from_logits(loss_name, logits, batch["mask"], weights,
+                                       _sum_over_devices)
+        return loss, (logits, new_model_state["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if freeze_encoder:
+        grads = _zero_encoder(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: -learning_rate * u, updates)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), batch["mask"], weights,
+                                         _sum_over_devices)
+    metrics = {"loss": loss, "dice_coe": metrics["dice_coe"], "accuracy": metrics["accuracy"]}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(variables: dict, batch: dict, *, model: nn.Module, loss_name: str) -> dict:
+    """Metrics of one validation batch; padded examples carry weight 0 and count nowhere."""
+    logits = model.apply(variables, batch["image"], train=False)
+    weights = batch["weight"]
+    loss = losses.loss_from_logits(loss_name, logits, batch["mask"], weights, _sum_over_devices)
+    metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), batch["mask"], weights,
+                                         _sum_over_devices)
+    return {"loss": loss, **metrics}

@@ -1,0 +1,386 @@
+"""`python -m jaxseg.train --config=configs/b5.py --workdir=DIR`: the recipe's K-fold training.
+
+One fold = fresh model -> epochs of (train, validate, callbacks, checkpoints) -> best
+model, history and curves. A fold whose `result.json` exists is finished and skipped;
+an unfinished one resumes from its latest checkpoint, so re-running the same command
+after a preemption loses at most the epoch in progress.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from jaxseg import checkpoints, cli, data, models, parallel, reporting, steps
+from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
+
+HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
+                "val_accuracy", "val_per_image_dice", "lr")
+# Fields a resumed run may change: extending training or choosing other folds.
+RESUMABLE_CHANGES = ("epochs", "folds")
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.Unet:
+    return models.Unet(backbone=config.backbone,
+                       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
+                       bn_axis_name=parallel.AXIS, drop_connect_rate=config.drop_connect_rate,
+                       normalize_input=config.normalize_input,
+                       depthwise_impl=config.depthwise_impl)
+
+
+def initial_variables(model: models.Unet, config: ml_collections.ConfigDict, seed: int) -> dict:
+    """A fresh model for each fold, as the recipe rebuilds it: converted weights when
+    `init_from` names them, else random initialisation (parameter shapes do not depend
+    on the input size, so a small input keeps this cheap)."""
+    if config.init_from:
+        from jaxseg import convert
+        variables, meta = convert.load_converted(config.init_from)
+        if meta.get("backbone") != config.backbone:
+            raise ValueError(f"config.init_from: {config.init_from} holds {meta.get('backbone')} "
+                             f"weights, config.backbone is {config.backbone}")
+        return variables
+    init = jax.jit(functools.partial(model.init, train=False))
+    return jax.device_get(init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3))))
+
+
+def parse_folds(folds: str, num_folds: int) -> list[int]:
+    if str(folds).strip().lower() == "all":
+        return list(range(num_folds))
+    try:
+        chosen = [int(part) for part in str(folds).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"config.folds: expected 'all' or a list like '0,2', got {folds!r}")
+    bad = [fold for fold in chosen if not 0 <= fold < num_folds]
+    if bad or not chosen:
+        raise ValueError(f"config.folds: {folds!r} is not a list of folds in 0..{num_folds - 1}")
+    return chosen
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    if not config.data_dir:
+        raise ValueError("config.data_dir is empty: give --config.data_dir=DIR of .tfrec files")
+    if config.backbone not in models.BACKBONES:
+        raise ValueError(f"config.backbone: unknown {config.backbone!r}, "
+                         f"expected one of {', '.join(models.BACKBONES)}")
+    if config.image_size <= 0 or config.image_size % 32:
+        raise ValueError(f"config.image_size: {config.image_size} is not a positive multiple "
+                         "of 32 (the Unet halves it five times)")
+    if config.epochs < 1:
+        raise ValueError(f"config.epochs must be >= 1, got {config.epochs}")
+    if config.loss not in ("dice", "bce_dice"):
+        raise ValueError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
+    if config.num_folds < 2:
+        raise ValueError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Writes `config.json`; a workdir of an earlier run must hold the same settings."""
+    path = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if path.exists():
+        previous = json.loads(path.read_text())
+        for key in sorted(set(previous) | set(current)):
+            if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
+                raise ValueError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
+                                 f"this one has {current.get(key)!r}; use another --workdir")
+    reporting.write_json(path, current)
+
+
+class CompiledSteps:
+    """The data-parallel train and eval programs, compiled once and shared by all folds."""
+
+    def __init__(self, model: models.Unet, config: ml_collections.ConfigDict, mesh):
+        self.tx = steps.make_optimizer()
+        self._train: dict[bool, Callable] = {}
+        self._model, self._config, self._mesh = model, config, mesh
+        self.eval = parallel.data_parallel(
+            functools.partial(steps.eval_step, model=model, loss_name=config.loss),
+            mesh, num_args=2, batch_args=(1,))
+
+    def train(self, freeze_encoder: bool) -> Callable:
+        if freeze_encoder not in self._train:
+            step = functools.partial(steps.train_step, model=self._model, tx=self.tx,
+                                     loss_name=self._config.loss, freeze_encoder=freeze_encoder)
+            self._train[freeze_encoder] = parallel.data_parallel(
+                step, self._mesh, num_args=3, batch_args=(1,), donate_args=(0,))
+        return self._train[freeze_encoder]
+
+
+@dataclasses.dataclass
+class FoldData:
+    fold: int
+    train_files: list[str]
+    val_files: list[str]
+    steps_per_epoch: int
+    val_batches: int
+    num_train_examples: int
+
+
+def _finite_or_raise(metrics: dict, where: str, fold_dir: Path) -> dict:
+    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"{where}: loss is {values['loss']}; stopped, the last good "
+                                 f"checkpoint stays in {fold_dir / 'latest'}")
+    return values
+
+
+def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
+                fold_data: FoldData, epoch: int, epochs: int, mesh, fold_dir: Path
+                ) -> tuple[steps.TrainState, dict[str, float]]:
+    """Runs one epoch; metrics come back one step late so the host never stalls the devices."""
+    totals = {"loss": 0.0, "dice_coe": 0.0, "accuracy": 0.0}
+    learning_rate = np.float32(lr)
+    bar = tqdm(total=fold_data.steps_per_epoch, unit="step", leave=False, dynamic_ncols=True,
+               desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
+               disable=jax.process_index() != 0)
+    pending = None
+
+    def consume(step: int, metrics: dict) -> None:
+        where = f"fold {fold_data.fold}, epoch {epoch + 1}, step {step + 1}"
+        for name, value in _finite_or_raise(metrics, where, fold_dir).items():
+            totals[name] += value
+        bar.update(1)
+        bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
+                        dice_coe=f"{totals['dice_coe'] / (step + 1):.4f}")
+
+    for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
+        state, metrics = step_fn(state, batch, learning_rate)
+        if pending is not None:
+            consume(*pending)
+        pending = (step, metrics)
+    if pending is not None:
+        consume(*pending)
+    bar.close()
+    count = max(fold_data.steps_per_epoch, 1)
+    return state, {name: total / count for name, total in totals.items()}
+
+
+def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dict[str, float]:
+    """Epoch validation metrics: batch values weighted by their real examples (the last
+    batch is padded), and the competition's per-image Dice over every example."""
+    weighted = {"val_loss": 0.0, "val_dice_coe": 0.0, "val_accuracy": 0.0}
+    dice_sum = examples = 0.0
+    for batch in parallel.prefetch_to_devices(batches, mesh):
+        metrics = jax.device_get(eval_fn(variables, batch))
+        count = float(metrics["num_images"])
+        if count == 0:
+            continue
+        weighted["val_loss"] += float(metrics["loss"]) * count
+        weighted["val_dice_coe"] += float(metrics["dice_coe"]) * count
+        weighted["val_accuracy"] += float(metrics["accuracy"]) * count
+        dice_sum += float(metrics["per_image_dice_sum"])
+        examples += count
+    if examples == 0:
+        raise ValueError("validation files hold no examples")
+    result = {name: value / examples for name, value in weighted.items()}
+    result["val_per_image_dice"] = dice_sum / examples
+    result["num_val_examples"] = int(examples)
+    return result
+
+
+def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: FoldData,
+               model: models.Unet, compiled: CompiledSteps, mesh) -> dict:
+    fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
+    is_main = jax.process_index() == 0
+    fold_started = time.time()
+    if is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        (fold_dir / "train_files.txt").write_text("\n".join(fold_data.train_files) + "\n")
+        (fold_dir / "val_files.txt").write_text("\n".join(fold_data.val_files) + "\n")
+
+    # Phase 1: a fresh model, or the state the previous attempt left.
+    fold_seed = config.seed + 1000 * fold
+    variables = initial_variables(model, config, fold_seed)
+    state = parallel.replicate(steps.create_train_state(variables, compiled.tx, fold_seed), mesh)
+    plateau = ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
+                                min_lr=config.min_learning_rate,
+                                min_delta=config.plateau_min_delta)
+    early_stopping = EarlyStopping(patience=config.early_stopping_patience)
+    history: dict[str, list] = {key: [] for key in HISTORY_KEYS}
+    lr, start_epoch, stopped, elapsed_before = config.learning_rate, 0, False, 0.0
+    num_val_examples = 0
+    ckpt = checkpoints.FoldCheckpoints(fold_dir)
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, host = restored
+        history, lr, start_epoch = host["history"], host["lr"], host["epochs_done"]
+        stopped, elapsed_before = host["stopped"], host["elapsed_s"]
+        num_val_examples = host["num_val_examples"]
+        plateau.load_state_dict(host["plateau"])
+        early_stopping.load_state_dict(host["early_stopping"])
+        print(f"fold {fold}: resuming after epoch {start_epoch} (lr {lr:g}, best val_dice_coe "
+              f"{early_stopping.best:.4f})")
+    scalars = reporting.ScalarLog(fold_dir / "tensorboard") if is_main else None
+
+    # Phase 2: epochs.
+    host_batch = parallel.host_batch_size(config.per_device_batch_size)
+    for epoch in range(start_epoch, config.epochs):
+        if stopped:
+            break
+        epoch_started = time.time()
+        batches = data.train_batches(
+            fold_data.train_files, image_size=config.image_size, batch_size=host_batch,
+            steps=fold_data.steps_per_epoch, seed=fold_seed, epoch=epoch,
+            augment_config=config.augment, shuffle_buffer=config.shuffle_buffer,
+            deterministic=config.deterministic, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
+        state, train_metrics = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
+                                           config.epochs, mesh, fold_dir)
+        val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
+            fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_batches=fold_data.val_batches), mesh)
+        num_val_examples = val_metrics["num_val_examples"]
+        logs = {"epoch": epoch + 1, **train_metrics,
+                **{k: v for k, v in val_metrics.items() if k != "num_val_examples"}, "lr": lr}
+        for key in HISTORY_KEYS:
+            history[key].append(logs[key])
+        next_lr = plateau.update(logs["val_loss"], lr)
+        improved, stopped = early_stopping.update(epoch, logs["val_dice_coe"])
+        if improved:
+            ckpt.save_best(epoch, state.variables, {
+                "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
+                "val_per_image_dice": logs["val_per_image_dice"],
+                "num_val_examples": num_val_examples})
+        print(f"fold {fold} epoch {epoch + 1}/{config.epochs} "
+              f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
+              f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
+              f"{logs['val_dice_coe']:.4f} - val_per_image_dice {logs['val_per_image_dice']:.4f}"
+              f" - lr {lr:.3g}" + (" *best*" if improved else "")
+              + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""), flush=True)
+        if scalars is not None:
+            scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
+        lr = next_lr
+        ckpt.save_latest(epoch + 1, state, {
+            "epochs_done": epoch + 1, "history": history, "lr": lr, "stopped": stopped,
+            "elapsed_s": elapsed_before + time.time() - fold_started,
+            "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
+            "num_val_examples": num_val_examples})
+        if stopped:
+            print(f"fold {fold}: early stopping after epoch {epoch + 1}; best epoch "
+                  f"{early_stopping.best_epoch + 1}")
+
+    # Phase 3: the best epoch is the fold's model (EarlyStopping restore_best_weights).
+    ckpt.close()
+    if scalars is not None:
+        scalars.close()
+    best = early_stopping.best_epoch
+    result = {
+        "fold": fold, "best_epoch": best + 1,
+        "best_val_dice_coe": history["val_dice_coe"][best],
+        "val_per_image_dice": history["val_per_image_dice"][best],
+        "val_loss": history["val_loss"][best],
+        "num_val_examples": num_val_examples,
+        "epochs_run": len(history["epoch"]), "stopped_early": stopped,
+        "num_train_examples": fold_data.num_train_examples,
+        "steps_per_epoch": fold_data.steps_per_epoch,
+        "train_files": fold_data.train_files, "val_files": fold_data.val_files,
+        "time_s": round(elapsed_before + time.time() - fold_started, 1),
+    }
+    if is_main:
+        reporting.write_json(fold_dir / "history.json", history)
+        reporting.plot_curves(history, fold_dir / "curves.png", title=f"fold {fold}")
+        reporting.write_json(fold_dir / "result.json", result)
+    return result
+
+
+def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[str],
+              val_files: list[str]) -> FoldData:
+    num_train = sum(data.count_examples(path) for path in train_files)
+    global_batch = config.per_device_batch_size * jax.device_count()
+    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
+        num_train // global_batch)
+    if steps_per_epoch == 0:
+        raise ValueError(f"fold {fold}: {num_train} training images are fewer than one global "
+                         f"batch of {global_batch}; lower config.per_device_batch_size")
+    val_batches = data.num_validation_batches(
+        val_files, parallel.host_batch_size(config.per_device_batch_size), jax.process_count())
+    return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains the chosen folds into `workdir` and returns (and writes) `summary.json`."""
+    started = time.time()
+    workdir = Path(workdir)
+    validate_config(config)
+    files = data.list_record_files(config.data_dir)
+    splits = data.kfold_splits(files, config.num_folds, config.seed)
+    folds = parse_folds(config.folds, config.num_folds)
+    plans = [fold_plan(config, fold, *splits[fold]) for fold in folds]
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record_config(config, workdir)
+        prepare_record = Path(config.data_dir) / "prepare.json"
+        if prepare_record.exists():
+            shutil.copyfile(prepare_record, workdir / "prepare.json")
+    mesh = parallel.make_mesh()
+    model = build_model(config)
+    compiled = CompiledSteps(model, config, mesh)
+    print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
+          f"({jax.devices()[0].platform}), global batch "
+          f"{config.per_device_batch_size * jax.device_count()}", flush=True)
+
+    results = {}
+    for plan in plans:
+        result_path = workdir / f"fold_{plan.fold}" / "result.json"
+        if result_path.exists():
+            results[plan.fold] = json.loads(result_path.read_text())
+            print(f"fold {plan.fold}: finished earlier, best val_dice_coe "
+                  f"{results[plan.fold]['best_val_dice_coe']:.4f}")
+            continue
+        print(f"fold {plan.fold}: {len(plan.train_files)} training files "
+              f"({plan.num_train_examples} images, {plan.steps_per_epoch} steps/epoch), "
+              f"{len(plan.val_files)} validation files", flush=True)
+        results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh)
+
+    summary = {
+        "folds": {str(fold): {key: value for key, value in result.items()
+                              if key not in ("train_files", "val_files")}
+                  for fold, result in results.items()},
+        "mean_best_val_dice_coe": float(np.mean([r["best_val_dice_coe"]
+                                                 for r in results.values()])),
+        "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
+                                                  for r in results.values()])),
+        "total_time_s": round(time.time() - started, 1),
+    }
+    if jax.process_index() == 0:
+        reporting.write_json(workdir / "summary.json", summary)
+    print(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
+          f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
+          f"{summary['mean_val_per_image_dice']:.4f} -> {workdir / 'summary.json'}")
+    return summary
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False,
+                               "Call jax.distributed.initialize() (TPU pod slices).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise ValueError("both --config=FILE and --workdir=DIR are required")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
