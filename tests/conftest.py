@@ -6,3 +6,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+
+import jax  # noqa: E402  (after XLA_FLAGS, which jax reads at import)
+
+# Identical programs compiled by several tests (or folds) are compiled once per session.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxseg-test-xla-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

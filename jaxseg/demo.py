@@ -1,0 +1,76 @@
+"""`python -m jaxseg.demo --workdir=DIR`: the whole job on synthetic slides, no data needed.
+
+Runs the same commands a user runs on the competition data, printing each one first:
+synthetic slides (made once) -> tiles -> K-fold training of the CPU config (one fold by
+default) -> whole-slide prediction of the held-out test slides -> Dice against their truth.
+Each stage is skipped when its output already exists, so an interrupted demo resumes.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import flags
+
+from jaxseg import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
+_EPOCHS = flags.DEFINE_integer("epochs", 12, "Training epochs.")
+_FOLDS = flags.DEFINE_string("folds", "0", "Folds to train ('all' for every fold).")
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 6, "Synthetic training slides.")
+_NUM_TEST = flags.DEFINE_integer("num_test", 2, "Synthetic test slides.")
+_SLIDE_SIZE = flags.DEFINE_integer("slide_size", 3000, "Synthetic slide side, full-res pixels.")
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "configs" / "cpu.py"
+TILE_SIZE = 512   # full-resolution pixels per tile
+REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
+MODEL_TILE = TILE_SIZE // REDUCTION
+
+
+def run_stage(title: str, args: list[str], done: Path) -> None:
+    """Runs `python -m ...` unless `done` exists; a failing stage ends the demo with its code."""
+    print(f"\n== {title}\n$ python {shlex.join(args)}", flush=True)
+    if done.exists():
+        print(f"(skipped: {done} exists)")
+        return
+    # Config files import `configs.default`: make the repository importable from any cwd.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    completed = subprocess.run([sys.executable, *args], env=env)
+    if completed.returncode != 0:
+        raise SystemExit(completed.returncode)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    root = Path(_WORKDIR.value)
+    slides, tiles, run = root / "slides", root / "tiles", root / "run"
+    submission = root / "submission.csv"
+    run_stage("synthetic slides in the competition layout", [
+        "-m", "jaxseg.synthetic", f"--out_dir={slides}", f"--num_train={_NUM_TRAIN.value}",
+        f"--num_test={_NUM_TEST.value}", f"--height={_SLIDE_SIZE.value}",
+        f"--width={_SLIDE_SIZE.value}"], slides / "test_truth.csv")
+    run_stage("tiles: 512 px windows reduced 4x, background dropped", [
+        "-m", "jaxseg.prepare", f"--data_dir={slides}", f"--out_dir={tiles}",
+        f"--tile_size={TILE_SIZE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
+        tiles / "prepare.json")
+    run_stage("K-fold training, Unet-efficientnetb0 (configs/cpu.py)", [
+        "-m", "jaxseg.train", f"--config={CONFIG}", f"--workdir={run}",
+        f"--config.data_dir={tiles}", f"--config.image_size={MODEL_TILE}",
+        f"--config.num_folds=3", f"--config.folds={_FOLDS.value}",
+        f"--config.epochs={_EPOCHS.value}"], run / "summary.json")
+    run_stage("whole-slide prediction of the test slides", [
+        "-m", "jaxseg.predict", f"--workdir={run}", f"--images={slides / 'test' / '*.tiff'}",
+        f"--out={submission}"], submission)
+    run_stage("Dice against the test truth", [
+        "-m", "jaxseg.evaluate", f"--pred={submission}", f"--truth={slides / 'test_truth.csv'}",
+        f"--images={slides / 'test' / '*.tiff'}"], root / "never-skipped")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

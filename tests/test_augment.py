@@ -1,0 +1,202 @@
+"""Augmentations: image and mask move together, ops occur as configured, colours clip."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from jaxseg.augment import (adjust_saturation, augment, augment_fn, check_augment_config,
+                            default_augment_config)
+
+SIZE = 8
+NUM_SEEDS = 400
+
+
+def _position_image() -> np.ndarray:
+    """Channel 0 holds the row, channel 1 the column, so every pixel knows its origin."""
+    rows, cols = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+    return np.stack([rows, cols, np.full_like(rows, 7)], axis=-1).astype(np.uint8)
+
+
+def _asymmetric_mask() -> np.ndarray:
+    """No symmetry of the square maps this mask onto itself."""
+    return np.random.default_rng(3).random((SIZE, SIZE, 1)) > 0.5
+
+
+def _config(**overrides):
+    config = default_augment_config()
+    config.update(overrides)
+    return config
+
+
+GEOMETRY_ONLY = dict(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.0)
+COLOUR_ONLY = dict(flip_left_right_prob=0.0, flip_up_down_prob=0.0, rot90=False)
+
+
+def _run(config, image, mask, num_seeds=NUM_SEEDS):
+    """Augmentations of one tile for seeds (11, 0..num_seeds-1), in a graph like data.py's.
+
+    Uncompiled, as XLA compilation would dominate the test time; a test below checks
+    that the compiled function data.py uses draws the same.
+    """
+    seeds = tf.data.Dataset.range(num_seeds).map(
+        lambda seed: tf.stack([tf.constant(11, tf.int32), tf.cast(seed, tf.int32)]))
+    images, masks = seeds.map(lambda seed: augment(image, mask, config, seed)).batch(
+        num_seeds).get_single_element()
+    return list(zip(images.numpy(), masks.numpy()))
+
+
+def _dihedral(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 symmetries of the square, identity first."""
+    rotations = [np.rot90(image, k) for k in range(4)]
+    return rotations + [np.fliplr(r) for r in rotations]
+
+
+def _which(transformed: np.ndarray, candidates: list[np.ndarray]) -> int:
+    matches = [i for i, c in enumerate(candidates) if np.array_equal(transformed, c)]
+    assert len(matches) == 1, "output is not a symmetry of the input"
+    return matches[0]
+
+
+def test_geometry_moves_mask_with_image_and_every_symmetry_occurs():
+    image, mask = _position_image(), _asymmetric_mask()
+    seen = set()
+    for out_image, out_mask in _run(_config(**GEOMETRY_ONLY), image, mask):
+        assert out_image.dtype == np.float32
+        rows, cols = out_image[..., 0].astype(int), out_image[..., 1].astype(int)
+        np.testing.assert_array_equal(out_mask, mask[rows, cols])
+        seen.add(_which(out_image, [c.astype(np.float32) for c in _dihedral(image)]))
+    assert seen == set(range(8))
+
+
+def test_mask_stays_aligned_under_the_full_default_augmentation():
+    # Mask pixels are white and the rest black: every colour op with a positive factor
+    # keeps white brighter than black, so the mask can be read back from the image.
+    mask = _asymmetric_mask()
+    image = np.repeat(mask * 255, 3, axis=-1).astype(np.uint8)
+    for out_image, out_mask in _run(default_augment_config(), image, mask):
+        foreground = out_image[out_mask[..., 0]]
+        background = out_image[~out_mask[..., 0]]
+        assert foreground.min() > background.max()
+        assert _which(out_mask, _dihedral(mask)) >= 0
+
+
+def test_rot90_draws_each_quarter_turn_uniformly():
+    image = _position_image()
+    outputs = _run(_config(flip_left_right_prob=0.0, flip_up_down_prob=0.0, **GEOMETRY_ONLY),
+                   image, _asymmetric_mask())
+    turns = [_which(out, [np.rot90(image, k).astype(np.float32) for k in range(4)])
+             for out, _ in outputs]
+    for k in range(4):
+        assert turns.count(k) / NUM_SEEDS == pytest.approx(0.25, abs=0.06)
+
+
+@pytest.mark.parametrize("field,probability,flip", [
+    ("flip_left_right_prob", 0.5, np.fliplr),
+    ("flip_up_down_prob", 0.6, np.flipud),
+    ("flip_left_right_prob", 1.0, np.fliplr),
+])
+def test_flips_happen_with_their_probability_and_direction(field, probability, flip):
+    others = dict(flip_left_right_prob=0.0, flip_up_down_prob=0.0, rot90=False)
+    others[field] = probability
+    image = _position_image()
+    outputs = _run(_config(**others, **GEOMETRY_ONLY), image, _asymmetric_mask())
+    flipped = [_which(out, [image.astype(np.float32), flip(image).astype(np.float32)])
+               for out, _ in outputs]
+    assert np.mean(flipped) == pytest.approx(probability, abs=0.06)
+
+
+def test_default_config_matches_the_recipe():
+    config = default_augment_config()
+    assert (config.flip_left_right_prob, config.flip_up_down_prob) == (0.5, 0.6)
+    assert config.rot90 and config.enabled
+    assert tuple(config.saturation_range) == (0.6, 1.4)
+    assert tuple(config.contrast_range) == (0.7, 1.3)
+    assert tuple(config.brightness_range) == (0.7, 1.3)
+    assert config.saturation_prob == config.contrast_prob == config.brightness_prob == 0.55
+    assert config.xla_compile
+
+
+def _random_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
+            rng.random((SIZE, SIZE, 1)) > 0.5)
+
+
+def test_colour_ops_clip_to_pixel_range_and_leave_mask_alone():
+    image, mask = _random_tile(0)
+    for ranges in [dict(brightness_range=(2.0, 3.0), contrast_range=(1.5, 2.0)),
+                   dict(brightness_range=(0.0, 0.1), contrast_range=(0.0, 0.1))]:
+        config = _config(saturation_prob=1.0, contrast_prob=1.0, brightness_prob=1.0,
+                         **ranges, **COLOUR_ONLY)
+        for out_image, out_mask in _run(config, image, mask, num_seeds=20):
+            assert 0.0 <= out_image.min() and out_image.max() <= 255.0
+            np.testing.assert_array_equal(out_mask, mask)
+    bright = _run(_config(brightness_prob=1.0, brightness_range=(2.0, 3.0), **COLOUR_ONLY,
+                          saturation_prob=0.0, contrast_prob=0.0), image, mask, num_seeds=1)
+    assert bright[0][0].max() == 255.0
+
+
+def test_brightness_is_a_factor_applied_with_its_probability():
+    image, mask = _random_tile(1)
+    config = _config(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.55,
+                     brightness_range=(0.5, 0.5), **COLOUR_ONLY)
+    outputs = [out for out, _ in _run(config, image, mask)]
+    halved = [np.allclose(out, image * 0.5) for out in outputs]
+    assert all(h or np.array_equal(out, image) for h, out in zip(halved, outputs))
+    assert np.mean(halved) == pytest.approx(0.55, abs=0.06)
+
+
+def test_contrast_is_tf_image_adjust_contrast_clipped():
+    image, mask = _random_tile(2)
+    config = _config(saturation_prob=0.0, contrast_prob=1.0, contrast_range=(1.25, 1.25),
+                     brightness_prob=0.0, **COLOUR_ONLY)
+    expected = tf.clip_by_value(tf.image.adjust_contrast(tf.cast(image, tf.float32), 1.25),
+                                0.0, 255.0)
+    np.testing.assert_allclose(_run(config, image, mask, num_seeds=1)[0][0], expected,
+                               atol=1e-3)
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.6, 1.0, 1.4, 3.0])
+def test_saturation_equals_tf_image_hsv_saturation(factor):
+    image = np.random.default_rng(4).integers(0, 256, (32, 32, 3)).astype(np.float32)
+    image[0, :4] = [[0, 0, 0], [255, 255, 255], [90, 90, 90], [255, 0, 0]]
+    expected = tf.image.adjust_saturation(image / 255.0, factor) * 255.0
+    np.testing.assert_allclose(adjust_saturation(tf.constant(image), factor), expected,
+                               atol=0.02)
+
+
+def test_xla_compiled_augment_draws_what_uncompiled_augment_draws():
+    image, mask = _random_tile(5)
+    compiled = augment_fn(default_augment_config())
+    for seed, (plain_image, plain_mask) in enumerate(
+            _run(default_augment_config(), image, mask, num_seeds=40)):
+        xla_image, xla_mask = compiled(image, mask, tf.constant([11, seed], tf.int32))
+        np.testing.assert_allclose(xla_image, plain_image, atol=1e-3)
+        np.testing.assert_array_equal(xla_mask, plain_mask)
+
+
+def test_same_seed_same_result_and_seeds_differ():
+    image, mask = _random_tile(6)
+    first = _run(default_augment_config(), image, mask, num_seeds=10)
+    again = _run(default_augment_config(), image, mask, num_seeds=10)
+    for (a, _), (b, _) in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    assert len({a.tobytes() for a, _ in first}) == 10
+
+
+def test_disabled_only_converts_to_float():
+    image, mask = _random_tile(7)
+    out_image, out_mask = _run(_config(enabled=False), image, mask, num_seeds=1)[0]
+    assert out_image.dtype == np.float32
+    np.testing.assert_array_equal(out_image, image)
+    np.testing.assert_array_equal(out_mask, mask)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(flip_up_down_prob=1.5), "flip_up_down_prob"),
+    (dict(brightness_prob=-0.1), "brightness_prob"),
+    (dict(contrast_range=(1.3, 0.7)), "contrast_range"),
+    (dict(saturation_range=(-0.5, 1.0)), "saturation_range"),
+])
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"augment.{field}"):
+        check_augment_config(_config(**overrides))

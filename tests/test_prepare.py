@@ -1,0 +1,291 @@
+"""Slides -> TFRecord tiles: the right windows, the background filter, clean failures."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+from matplotlib.colors import rgb_to_hsv
+from PIL import Image
+
+from jaxseg import prepare, rle
+
+HEIGHT, WIDTH = 300, 420
+TILE, REDUCTION = 128, 2
+SMALL = TILE // REDUCTION
+GLASS = (240, 238, 242)
+
+
+def make_slide(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Glass on the left, saturated random 'tissue' on the right, discs as glomeruli."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((HEIGHT, WIDTH, 3), np.uint8)
+    image[:] = np.array(GLASS) + rng.integers(-2, 3, (HEIGHT, WIDTH, 3))
+    tissue = rng.integers((150, 60, 120), (240, 180, 220), (HEIGHT, WIDTH - 170, 3))
+    image[:, 170:] = tissue
+    ys, xs = np.mgrid[:HEIGHT, :WIDTH]
+    mask = np.zeros((HEIGHT, WIDTH), bool)
+    for cy, cx, r in [(60, 250, 30), (200, 330, 45), (290, 400, 25)]:
+        mask |= (ys - cy) ** 2 + (xs - cx) ** 2 <= r * r
+    return image, mask
+
+
+def write_competition(root, slides: dict) -> None:
+    (root / "train").mkdir(parents=True)
+    with open(root / "train.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "encoding"])
+        for slide_id, (image, mask) in slides.items():
+            tifffile.imwrite(root / "train" / f"{slide_id}.tiff", image, photometric="rgb")
+            writer.writerow([slide_id, rle.encode(mask)])
+
+
+def read_records(path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Parses the recipe's format with TensorFlow itself, not with jaxseg."""
+    features = {"image": tf.io.FixedLenFeature([], tf.string),
+                "mask": tf.io.FixedLenFeature([], tf.string)}
+    tiles = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        example = tf.io.parse_single_example(record, features)
+        image = tf.io.decode_raw(example["image"], tf.uint8).numpy().reshape(SMALL, SMALL, 3)
+        mask = tf.io.decode_raw(example["mask"], tf.bool).numpy().reshape(SMALL, SMALL)
+        tiles.append((image, mask))
+    return tiles
+
+
+def expected_tiles(image, mask, pad_y, pad_x, stride):
+    """Independent reference: zero padding, block means, OpenCV-style HSV filter."""
+    padded = np.pad(image, (pad_y, pad_x, (0, 0)))
+    padded_mask = np.pad(mask, (pad_y, pad_x))
+    min_pixels = 62                          # round(1000 * (64 / 256) ** 2)
+    tiles = []
+    for y in range(0, padded.shape[0] - TILE + 1, stride):
+        for x in range(0, padded.shape[1] - TILE + 1, stride):
+            window = padded[y:y + TILE, x:x + TILE].astype(np.float64)
+            small = np.floor(window.reshape(SMALL, 2, SMALL, 2, 3).mean(axis=(1, 3)) + 0.5)
+            saturation = np.floor(255 * rgb_to_hsv(small / 255)[..., 1] + 0.5 + 1e-9)
+            if (saturation > 40).sum() <= min_pixels or small.sum() <= min_pixels:
+                continue
+            small_mask = padded_mask[y:y + TILE, x:x + TILE].reshape(
+                SMALL, 2, SMALL, 2).mean(axis=(1, 3)) >= 0.5
+            tiles.append((small.astype(np.uint8), small_mask))
+    return tiles
+
+
+def run_competition(data_dir, out_dir, workers=1, **config):
+    jobs = prepare.competition_jobs(data_dir)
+    return prepare.prepare(jobs, out_dir, prepare.TilingConfig(
+        tile_size=TILE, reduction=REDUCTION, **config), workers)
+
+
+def record_files(out_dir):
+    return sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+
+
+@pytest.mark.parametrize("overlap, pad_y, pad_x, stride", [
+    # 300 rows need 3 tiles of 128 (84 px of padding, 42 on top); 420 columns need 4
+    # (92 px, 46 on the left). With 64 px overlap: 4 and 6 tiles, padding 20 and 28.
+    (0, (42, 42), (46, 46), 128),
+    (64, (10, 10), (14, 14), 64),
+])
+def test_tiles_are_the_right_windows_of_image_and_mask(tmp_path, overlap, pad_y, pad_x,
+                                                       stride):
+    image, mask = make_slide(0)
+    write_competition(tmp_path / "data", {"slide0": (image, mask)})
+    summary = run_competition(tmp_path / "data", tmp_path / "out", overlap=overlap)
+    expected = expected_tiles(image, mask, pad_y, pad_x, stride)
+    assert 0 < len(expected) < (len(range(0, 2 * pad_y[0] + HEIGHT - TILE + 1, stride))
+                                * len(range(0, 2 * pad_x[0] + WIDTH - TILE + 1, stride)))
+    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{len(expected)}.tfrec"]
+    tiles = read_records(tmp_path / "out" / f"slide0-{len(expected)}.tfrec")
+    assert len(tiles) == len(expected)
+    for (got_image, got_mask), (want_image, want_mask) in zip(tiles, expected):
+        np.testing.assert_array_equal(got_image, want_image)
+        np.testing.assert_array_equal(got_mask, want_mask)
+    assert any(m.any() for _, m in tiles)
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary == {
+        "tile_size": TILE, "reduction": REDUCTION, "overlap": overlap,
+        "thresholds": {"saturation": 40, "min_pixels": 62},
+        "padding": prepare.PADDING, "slides": {"slide0": len(expected)}}
+
+
+def test_grid_starts_and_overlap():
+    assert prepare.grid_starts(512, 512, 0) == [0]
+    assert prepare.grid_starts(300, 512, 0) == [-106]
+    assert prepare.grid_starts(1000, 512, 0) == [-12, 500]
+    assert prepare.grid_starts(1000, 512, 256) == [-12, 244, 500]
+    assert prepare.overlap_pixels(0.25, 2048) == 512
+    assert prepare.overlap_pixels(100, 2048) == 100
+    with pytest.raises(ValueError, match="overlap 1.5"):
+        prepare.overlap_pixels(1.5, 2048)
+    with pytest.raises(ValueError, match="overlap 128 must be >= 0 and below tile_size 128"):
+        prepare.TilingConfig(tile_size=128, reduction=2, overlap=128)
+    with pytest.raises(ValueError, match="tile_size 100 is not divisible by reduction 3"):
+        prepare.TilingConfig(tile_size=100, reduction=3)
+
+
+def test_min_pixels_default_follows_the_notebook_for_multiples_of_256():
+    assert prepare.TilingConfig().min_pixels == 4000           # 2048 / 4 = 512 px tiles
+    assert prepare.default_min_pixels(256) == 1000
+    assert prepare.default_min_pixels(768) == 9000
+    assert prepare.default_min_pixels(128) == 250               # the notebook: 0
+
+
+def test_background_filter_drops_blank_tiles_and_keeps_tissue():
+    config = prepare.TilingConfig(tile_size=128, reduction=2)   # 64 px, min_pixels 62
+    glass = np.empty((64, 64, 3), np.uint8)
+    glass[:] = GLASS
+    black = np.zeros((64, 64, 3), np.uint8)
+    tissue = glass.copy()
+    tissue[:8, :8] = (200, 120, 180)                            # 64 saturated pixels
+    assert not prepare.is_tissue(glass, config)
+    assert not prepare.is_tissue(black, config)
+    assert prepare.is_tissue(tissue, config)
+    tissue[0, :2] = GLASS                                       # 62: not more than 62
+    assert not prepare.is_tissue(tissue, config)
+
+
+def test_saturation_count_matches_hsv():
+    pixels = np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    saturation = np.floor(255 * rgb_to_hsv(pixels / 255)[..., 1] + 0.5 + 1e-9)
+    for threshold in (0, 40, 100):
+        assert prepare.tissue_pixel_count(pixels, threshold) == (saturation > threshold).sum()
+
+
+def test_images_mode_pairs_stems_and_counts_in_names(tmp_path):
+    image, mask = make_slide(1)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "masks" / "a.png")
+    Image.fromarray(image[:128, 170:298]).save(tmp_path / "images" / "b.jpg", quality=95)
+    tifffile.imwrite(tmp_path / "masks" / "b.tiff", mask[:128, 170:298])
+    jobs = prepare.image_jobs(tmp_path / "images", tmp_path / "masks")
+    summary = prepare.prepare(jobs, tmp_path / "out",
+                              prepare.TilingConfig(tile_size=TILE, reduction=REDUCTION),
+                              workers=1)
+    expected = expected_tiles(image, mask, (42, 42), (46, 46), TILE)
+    assert summary["slides"] == {"a": len(expected), "b": 1}
+    assert record_files(tmp_path / "out") == [f"a-{len(expected)}.tfrec", "b-1.tfrec",
+                                              "prepare.json"]
+    for (got_image, got_mask), (want_image, want_mask) in zip(
+            read_records(tmp_path / "out" / f"a-{len(expected)}.tfrec"), expected):
+        np.testing.assert_array_equal(got_image, want_image)
+        np.testing.assert_array_equal(got_mask, want_mask)
+    [(_, b_mask)] = read_records(tmp_path / "out" / "b-1.tfrec")
+    np.testing.assert_array_equal(
+        b_mask, mask[:128, 170:298].reshape(64, 2, 64, 2).mean(axis=(1, 3)) >= 0.5)
+
+
+def test_rerun_replaces_the_slides_records(tmp_path):
+    image, mask = make_slide(0)
+    write_competition(tmp_path / "data", {"slide0": (image, mask)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "slide0-999.tfrec").write_bytes(b"stale")
+    (tmp_path / "out" / "slide01-3.tfrec").write_bytes(b"another slide")
+    count = run_competition(tmp_path / "data", tmp_path / "out")["slides"]["slide0"]
+    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{count}.tfrec",
+                                              "slide01-3.tfrec"]
+
+
+def assert_one_line(error, *fragments):
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_input_errors_are_one_line_and_write_nothing(tmp_path):
+    image, mask = make_slide(0)
+    data = tmp_path / "data"
+    write_competition(data, {"good": (image, mask)})
+    tifffile.imwrite(data / "train" / "extra.tiff", image, photometric="rgb")
+    with pytest.raises(ValueError) as error:
+        prepare.competition_jobs(data)
+    assert_one_line(error, "train.csv", "no row for slide extra")
+
+    (data / "train" / "extra.tiff").write_bytes(b"II*\x00 broken" * 10)
+    with open(data / "train.csv", "a", newline="") as handle:
+        csv.writer(handle).writerow(["extra", ""])
+    with pytest.raises(ValueError) as error:
+        prepare.competition_jobs(data)
+    assert_one_line(error, "extra.tiff: unreadable TIFF")
+
+    (data / "train" / "extra.tiff").unlink()
+    with open(data / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["id", "encoding"],
+                                      ["good", f"{HEIGHT * WIDTH - 2} 5"]])
+    with pytest.raises(ValueError) as error:
+        prepare.competition_jobs(data)
+    assert_one_line(error, "train.csv, id good: RLE runs past the image")
+
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as error:
+        prepare.competition_jobs(tmp_path / "empty")
+    assert_one_line(error, "no .tiff slides found")
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(image).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask[:, :-10].astype(np.uint8)).save(tmp_path / "masks" / "a.png")
+    with pytest.raises(ValueError) as error:
+        prepare.image_jobs(tmp_path / "images", tmp_path / "masks")
+    assert_one_line(error, "mask is 300 x 410 but the image a.png is 300 x 420")
+    with pytest.raises(FileNotFoundError) as error:
+        prepare.image_jobs(tmp_path / "masks" / "nothere", tmp_path / "masks")
+    assert_one_line(error, "no such directory")
+    Image.fromarray(image).save(tmp_path / "images" / "a.jpg")
+    with pytest.raises(ValueError) as error:
+        prepare.image_jobs(tmp_path / "images", tmp_path / "masks")
+    assert_one_line(error, "two files named a (a.jpg, a.png)")
+
+
+def test_failure_mid_run_leaves_no_records(tmp_path):
+    image, mask = make_slide(0)
+    write_competition(tmp_path / "data", {"a_good": (image, mask), "b_bad": (image, mask)})
+    bad = tmp_path / "data" / "train" / "b_bad.tiff"
+    tifffile.imwrite(bad, image, tile=(64, 64), photometric="rgb", compression="zlib")
+    with tifffile.TiffFile(bad) as tif:
+        offset = tif.pages[0].dataoffsets[-1]
+    with open(bad, "r+b") as handle:        # the last tile only fails when it is read
+        handle.seek(offset)
+        handle.write(b"\xff" * 16)
+    with pytest.raises(ValueError, match="b_bad.tiff: cannot decode TIFF segment"):
+        run_competition(tmp_path / "data", tmp_path / "out")
+    assert record_files(tmp_path / "out") == []
+
+
+def test_worker_processes_write_the_same_records(tmp_path):
+    slides = {"s0": make_slide(0), "s1": make_slide(1)}
+    write_competition(tmp_path / "data", slides)
+    one = run_competition(tmp_path / "data", tmp_path / "one", workers=1)
+    two = run_competition(tmp_path / "data", tmp_path / "two", workers=2)
+    assert one == two
+    assert record_files(tmp_path / "one") == record_files(tmp_path / "two")
+    # Compared decoded: protobuf may order the feature map differently per process.
+    for name in record_files(tmp_path / "one"):
+        if name.endswith(".tfrec"):
+            for a, b in zip(read_records(tmp_path / "one" / name),
+                            read_records(tmp_path / "two" / name), strict=True):
+                np.testing.assert_array_equal(a[0], b[0])
+                np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_command_line_error_is_one_line_with_exit_status_1(tmp_path):
+    image, mask = make_slide(0)
+    write_competition(tmp_path / "data", {"good": (image, mask)})
+    with open(tmp_path / "data" / "train.csv", "w") as handle:
+        handle.write("id,encoding\ngood,5 3 4 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.prepare", f"--data_dir={tmp_path / 'data'}",
+         f"--out_dir={tmp_path / 'out'}", "--tile_size=128", "--reduction=2"],
+        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'data' / 'train.csv'}, id good: RLE runs not increasing or "
+        "overlapping: run 1 (5 3) then 4")
+    assert record_files(tmp_path / "out") == []

@@ -1,0 +1,182 @@
+"""The train loop end to end on tiny records, and the data-parallel step's exactness."""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import cpu as cpu_config
+from jaxseg import data, models, parallel, records, steps, train
+
+SIZE = 64
+
+
+def toy_tiles(count: int, seed: int):
+    """Bright discs on darker tissue-like noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for _ in range(count):
+        image = rng.integers(60, 120, (SIZE, SIZE, 3)).astype(np.uint8)
+        cy, cx, r = rng.integers(12, SIZE - 12, 2).tolist() + [int(rng.integers(5, 10))]
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        image[mask] = np.clip(image[mask].astype(int) + 110, 0, 255).astype(np.uint8)
+        yield image, mask
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("records")
+    for index, count in enumerate([8, 8, 8, 12]):
+        records.write_records(out, f"slide{index}", toy_tiles(count, index))
+    return out
+
+
+def tiny_config(data_dir, **overrides):
+    config = cpu_config.get_config()
+    config.data_dir = str(data_dir)
+    config.image_size = SIZE
+    config.epochs = 2
+    config.num_folds = 2
+    config.per_device_batch_size = 1
+    config.learning_rate = 1e-3
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(record_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    summary = train.train_and_evaluate(tiny_config(record_dir), workdir)
+    return workdir, summary
+
+
+def test_run_writes_every_artefact(finished_run, record_dir):
+    workdir, summary = finished_run
+    assert json.loads((workdir / "config.json").read_text())["backbone"] == "efficientnetb0"
+    files = data.list_record_files(str(record_dir))
+    expected_splits = data.kfold_splits(files, 2, 0)
+    for fold in (0, 1):
+        fold_dir = workdir / f"fold_{fold}"
+        for name in ("history.json", "curves.png", "result.json", "train_files.txt",
+                     "val_files.txt"):
+            assert (fold_dir / name).is_file(), name
+        assert any((fold_dir / "tensorboard").iterdir())
+        assert any((fold_dir / "best").iterdir()) and any((fold_dir / "latest").iterdir())
+        history = json.loads((fold_dir / "history.json").read_text())
+        assert history["epoch"] == [1, 2]
+        for key in train.HISTORY_KEYS:
+            assert len(history[key]) == 2, key
+        train_files, val_files = expected_splits[fold]
+        assert (fold_dir / "train_files.txt").read_text().split() == train_files
+        assert (fold_dir / "val_files.txt").read_text().split() == val_files
+        result = summary["folds"][str(fold)]
+        assert result["num_val_examples"] == sum(records.count_from_name(f) for f in val_files)
+        assert result["best_val_dice_coe"] == max(history["val_dice_coe"])
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    assert on_disk["mean_best_val_dice_coe"] == pytest.approx(
+        np.mean([summary["folds"][f]["best_val_dice_coe"] for f in ("0", "1")]))
+
+
+def test_finished_folds_are_not_retrained(finished_run, record_dir, capsys):
+    workdir, summary = finished_run
+    again = train.train_and_evaluate(tiny_config(record_dir), workdir)
+    assert "finished earlier" in capsys.readouterr().out
+    assert again["folds"] == summary["folds"]
+
+
+def test_changed_config_in_same_workdir_is_refused(finished_run, record_dir):
+    workdir, _ = finished_run
+    with pytest.raises(ValueError, match="config.image_size"):
+        train.train_and_evaluate(tiny_config(record_dir, image_size=96), workdir)
+
+
+def test_more_folds_than_files_is_a_clear_error(record_dir, tmp_path):
+    with pytest.raises(ValueError, match="fold"):
+        train.train_and_evaluate(tiny_config(record_dir, num_folds=5), tmp_path / "run")
+
+
+def one_step(model, variables, batch, devices):
+    """One plain gradient step (identity transform, learning rate 1): the parameter change
+    is the gradient itself, which Adam's first step would flatten to +-lr."""
+    mesh = jax.sharding.Mesh(np.array(devices), (parallel.AXIS,))
+    tx = optax.identity()
+    step = parallel.data_parallel(
+        functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
+                          freeze_encoder=False), mesh, num_args=3, batch_args=(1,),
+        donate_args=(0,))
+    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
+    state, metrics = step(state, parallel.to_global_batch(batch, mesh), np.float32(1.0))
+    return jax.device_get((state.params, state.batch_stats, metrics))
+
+
+def test_eight_devices_equal_one_device():
+    """Synchronised BatchNorm plus the device-summed Dice make an 8-way step the same
+    computation as the whole global batch on one device."""
+    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS,
+                        drop_connect_rate=0.0)
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
+                                          train=False))
+    tiles = list(toy_tiles(8, 99))
+    batch = {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
+             "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}
+    on_one = one_step(model, variables, batch, jax.devices()[:1])
+    on_eight = one_step(model, variables, batch, jax.devices()[:8])
+    gradients = [jax.tree.map(np.subtract, variables["params"], run[0]) for run in (on_one, on_eight)]
+    for one, eight in zip(jax.tree.leaves(gradients[0]), jax.tree.leaves(gradients[1])):
+        scale = max(float(np.abs(one).max()), 1e-6)
+        np.testing.assert_allclose(eight, one, atol=1e-2 * scale)  # float32 noise ~1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                 on_one[1:], on_eight[1:])
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(gradients[0])) > 1e-4
+
+
+def test_loss_falls_on_a_learnable_toy_set(record_dir):
+    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
+    tx = steps.make_optimizer()
+    step = parallel.data_parallel(
+        functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
+                          freeze_encoder=False), mesh, num_args=3, batch_args=(1,),
+        donate_args=(0,))
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
+    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
+    tiles = list(toy_tiles(8, 5))
+    batch = parallel.to_global_batch(
+        {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
+         "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}, mesh)
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, batch, np.float32(3e-3))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_frozen_encoder_keeps_weights_and_statistics():
+    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), (parallel.AXIS,))
+    tx = steps.make_optimizer()
+    step = parallel.data_parallel(
+        functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
+                          freeze_encoder=True), mesh, num_args=3, batch_args=(1,),
+        donate_args=(0,))
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
+                                          train=False))
+    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
+    tiles = list(toy_tiles(2, 7))
+    batch = parallel.to_global_batch(
+        {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
+         "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}, mesh)
+    state, _ = step(state, batch, np.float32(1e-2))
+    after = jax.device_get(state)
+    jax.tree.map(np.testing.assert_array_equal, after.params["encoder"],
+                 variables["params"]["encoder"])
+    jax.tree.map(np.testing.assert_array_equal, after.batch_stats["encoder"],
+                 variables["batch_stats"]["encoder"])
+    decoder_moved = [float(np.abs(a - b).max()) for name in after.params if name != "encoder"
+                     for a, b in zip(jax.tree.leaves(after.params[name]),
+                                     jax.tree.leaves(variables["params"][name]))]
+    assert max(decoder_moved) > 0
