@@ -18,9 +18,11 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     The modules raise ValueError/FileNotFoundError with a message that names the file or
     field; a traceback would bury that line, so it is printed alone.
     """
-    from absl import app
+    from absl import app, logging
 
     def guarded(argv: list[str]) -> None:
+        # Orbax and TensorFlow log every checkpoint step at INFO; keep warnings only.
+        logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except USER_ERRORS as error:

@@ -51,9 +51,15 @@ def initial_variables(model: models.Unet, config: ml_collections.ConfigDict, see
         if meta.get("backbone") != config.backbone:
             raise ValueError(f"config.init_from: {config.init_from} holds {meta.get('backbone')} "
                              f"weights, config.backbone is {config.backbone}")
+        if meta.get("normalize_input", False) != config.normalize_input:
+            raise ValueError(f"config.normalize_input: the weights in {config.init_from} expect "
+                             f"normalize_input={meta.get('normalize_input', False)}")
         return variables
+    # The counter-based 'unsafe_rbg' generator compiles the initialisers ~3x faster on CPU
+    # than the default threefry; initial weights need no cryptographic-quality bits.
     init = jax.jit(functools.partial(model.init, train=False))
-    return jax.device_get(init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3))))
+    key = jax.random.key(seed, impl="unsafe_rbg")
+    return jax.device_get(init(key, jnp.zeros((1, 32, 32, 3))))
 
 
 def parse_folds(folds: str, num_folds: int) -> list[int]:

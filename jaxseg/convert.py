@@ -1,0 +1,240 @@
+"""Keras HDF5 weights -> variables of `jaxseg.models.Unet`, so training can start where the
+recipe starts (ImageNet encoder) or continue from a model the recipe trained.
+
+Reads the file with h5py only: no TensorFlow at runtime. Layers are matched by name (the
+Flax layers carry the Keras names), shapes are checked layer by layer in network order,
+and the first layer that does not fit is named in the error.
+
+    python -m jaxseg.convert --keras_weights=FILE.h5 --backbone=efficientnetb5 --out=DIR
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import traverse_util
+
+from jaxseg import cli
+from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder
+
+VARIABLES_DIR = "variables"
+META_FILE = "meta.json"
+KIND_UNET = "unet"
+KIND_ENCODER = "encoder"
+# The layer only a whole segmentation_models Unet file has.
+_HEAD_LAYER = "final_conv"
+# keras.applications' EfficientNet normalises inside the model; its files carry this layer.
+_NORMALIZATION_LAYER = "normalization"
+
+StoredWeights = dict[tuple[str, str], np.ndarray]
+
+
+def read_keras_weights(path: str | os.PathLike) -> StoredWeights:
+    """{(layer name, weight name): array} of a tf-keras HDF5 file.
+
+    Handles both `save_weights('x.h5')` (layers at the root) and `save('x.h5')` /
+    ModelCheckpoint (under 'model_weights'). A layer group holding a nested model's
+    weights is read by the layer names inside its weight names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such Keras weights file")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(f"{path}: not an HDF5 file ({error})") from None
+    with h5:
+        root = h5["model_weights"] if "model_weights" in h5 else h5
+        if "layer_names" not in root.attrs:
+            raise ValueError(f"{path}: no 'layer_names' attribute; expected a tf-keras file "
+                             "written by save_weights('x.h5') or save('x.h5')")
+        weights = {}
+        for layer_name in map(_text, root.attrs["layer_names"]):
+            group = root[layer_name]
+            names = [_text(name) for name in group.attrs.get("weight_names", [])]
+            nested = len({name.split("/")[-2] for name in names if "/" in name}) > 1
+            for name in names:
+                parts = name.split("/")
+                layer = parts[-2] if nested else layer_name
+                weights[(layer, parts[-1].split(":")[0])] = np.asarray(group[name], np.float32)
+    return weights
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf8") if isinstance(value, bytes) else str(value)
+
+
+def _keras_weight_name(layer: str, collection: str, leaf: str) -> str:
+    if collection == "batch_stats":
+        return {"mean": "moving_mean", "var": "moving_variance"}[leaf]
+    if leaf == "scale":
+        return "gamma"
+    if leaf == "bias":
+        return "beta" if layer.endswith("bn") else "bias"
+    return "depthwise_kernel" if _is_depthwise(layer) else "kernel"
+
+
+def _is_depthwise(layer: str) -> bool:
+    return layer.endswith("dwconv")
+
+
+def _keras_shape(layer: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Keras stores a depthwise kernel as (k, k, C, 1), Flax as (k, k, 1, C)."""
+    return shape[:2] + (shape[3], shape[2]) if _is_depthwise(layer) else shape
+
+
+def _to_flax(layer: str, value: np.ndarray) -> np.ndarray:
+    return np.swapaxes(value, 2, 3) if _is_depthwise(layer) else value
+
+
+def _example_input() -> jax.Array:
+    return jnp.zeros((1, INPUT_MULTIPLE, INPUT_MULTIPLE, 3), jnp.float32)
+
+
+def _layers_in_call_order(model: Unet) -> tuple[list[tuple[str, ...]], dict]:
+    """Module paths in the order the network calls them (Keras' layer order, so the
+    first misfit reported is the first in the network) and the variables' shapes."""
+    order = []
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__":
+            order.append(context.module.path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                                jax.random.key(0), _example_input())
+    return order, shapes
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_decoder(backbone: str, key: jax.Array) -> dict:
+    features = jax.eval_shape(
+        lambda x: EfficientNet(backbone).init_with_output(jax.random.key(0), x, train=False)[0],
+        _example_input())
+    zeros = {name: jnp.zeros(feature.shape, feature.dtype) for name, feature in features.items()}
+    return UnetDecoder().init(key, zeros, train=False)
+
+
+def _convert(path: str | os.PathLike, backbone: str, seed: int) -> tuple[dict, dict]:
+    """The variables and what the file held: {'kind', 'normalize_input'}."""
+    model = Unet(backbone)
+    stored = read_keras_weights(path)
+    stored_layers = {layer for layer, _ in stored}
+    kind = KIND_UNET if _HEAD_LAYER in stored_layers else KIND_ENCODER
+    parts = ("encoder", "decoder") if kind == KIND_UNET else ("encoder",)
+    order, shapes = _layers_in_call_order(model)
+    leaves_by_module = collections.defaultdict(list)
+    for collection, tree in shapes.items():
+        for key, leaf in traverse_util.flatten_dict(tree).items():
+            leaves_by_module[key[:-1]].append((collection, key[-1], tuple(leaf.shape)))
+    flat = {collection: {} for collection in shapes}
+    for module_path in order:
+        if module_path not in leaves_by_module or module_path[0] not in parts:
+            continue
+        layer = module_path[-1]
+        if layer not in stored_layers:
+            raise ValueError(f"{path}: layer {layer} is missing ({backbone} {kind} weights "
+                             "need it)")
+        for collection, leaf, shape in leaves_by_module[module_path]:
+            weight = _keras_weight_name(layer, collection, leaf)
+            if (layer, weight) not in stored:
+                raise ValueError(f"{path}: layer {layer} has no {weight} weight")
+            value = stored[(layer, weight)]
+            if value.shape != _keras_shape(layer, shape):
+                raise ValueError(f"{path}: layer {layer} {weight} has shape {value.shape}, "
+                                 f"{backbone} expects {_keras_shape(layer, shape)}")
+            flat[collection][module_path + (leaf,)] = _to_flax(layer, value)
+    variables = {collection: traverse_util.unflatten_dict(leaves) for collection, leaves in flat.items()}
+    if kind == KIND_ENCODER:
+        decoder = jax.tree.map(np.asarray, _init_decoder(backbone, jax.random.key(seed)))
+        for collection, tree in decoder.items():
+            variables[collection]["decoder"] = tree
+    return variables, {"kind": kind, "normalize_input": _NORMALIZATION_LAYER in stored_layers}
+
+
+def keras_to_flax(path: str | os.PathLike, backbone: str, seed: int = 0) -> dict:
+    """{'params', 'batch_stats'} of `Unet(backbone)` (nested dicts of float32 numpy arrays)
+    from a segmentation_models Unet file, or from an encoder-only ('notop') file of
+    qubvel/efficientnet or keras.applications, whose decoder is then freshly initialised
+    from `seed`. Raises FileNotFoundError, or ValueError naming the first misfit layer."""
+    return _convert(path, backbone, seed)[0]
+
+
+def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | os.PathLike,
+                   seed: int = 0) -> dict:
+    """Writes `out/variables` (orbax) and `out/meta.json`; returns the meta.
+
+    Everything is written into a hidden sibling directory renamed to `out` at the end, so
+    a failure never leaves a partial `out` for training to pick up. `normalize_input` in
+    the meta says the file came from a model that normalised its input itself
+    (keras.applications): train such weights with `Unet(normalize_input=True)`.
+    """
+    out = Path(out).absolute()
+    if out.exists():
+        raise ValueError(f"{out}: already exists; remove it or choose another --out")
+    variables, found = _convert(keras_weights, backbone, seed)
+    meta = {"backbone": backbone, "source": str(Path(keras_weights).absolute()), **found}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / VARIABLES_DIR, variables)
+            checkpointer.wait_until_finished()
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return meta
+
+
+def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(variables, meta) written by `convert_to_dir`; variables as numpy arrays."""
+    directory = Path(directory).absolute()
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no such file; is {directory} a "
+                                "jaxseg.convert output?")
+    meta = json.loads(meta_path.read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        variables = checkpointer.restore(directory / VARIABLES_DIR)
+    return jax.tree.map(np.asarray, variables), meta
+
+
+def _define_flags() -> None:
+    """Only when run as a program: training imports this module and has flags of its own."""
+    flags.DEFINE_string("keras_weights", None,
+                        "Keras HDF5 file: a segmentation_models Unet (save_weights/save/"
+                        "ModelCheckpoint) or an ImageNet 'notop' EfficientNet file.")
+    flags.DEFINE_string("backbone", "efficientnetb5", "EfficientNet variant the file holds.")
+    flags.DEFINE_string("out", None, "Directory to create with the converted variables.")
+    flags.DEFINE_integer("seed", 0, "Initialises the decoder when the file holds only an encoder.")
+    flags.mark_flags_as_required(["keras_weights", "out"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # Orbax and JAX log every step at INFO; the user needs the one line below (or the error).
+    logging.set_verbosity(logging.WARNING)
+    meta = convert_to_dir(flags.FLAGS.keras_weights, flags.FLAGS.backbone, flags.FLAGS.out,
+                          flags.FLAGS.seed)
+    print(f"wrote {flags.FLAGS.out}: {meta['kind']} weights for {meta['backbone']}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    cli.run_main(main)
