@@ -99,17 +99,34 @@ def test_more_folds_than_files_is_a_clear_error(record_dir, tmp_path):
         train.train_and_evaluate(tiny_config(record_dir, num_folds=5), tmp_path / "run")
 
 
-def one_step(model, variables, batch, devices):
-    """One plain gradient step (identity transform, learning rate 1): the parameter change
-    is the gradient itself, which Adam's first step would flatten to +-lr."""
-    mesh = jax.sharding.Mesh(np.array(devices), (parallel.AXIS,))
-    tx = optax.identity()
+def compiled_step(model, variables, batch, num_devices, tx, freeze_encoder=False):
+    """The data-parallel train step over the first `num_devices` devices, its initial
+    state and the batch placed on them, as the train loop builds them."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), (parallel.AXIS,))
     step = parallel.data_parallel(
         functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
-                          freeze_encoder=False), mesh, num_args=3, batch_args=(1,),
+                          freeze_encoder=freeze_encoder), mesh, num_args=3, batch_args=(1,),
         donate_args=(0,))
     state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
-    state, metrics = step(state, parallel.to_global_batch(batch, mesh), np.float32(1.0))
+    return step, state, parallel.to_global_batch(batch, mesh)
+
+
+def toy_batch(count, seed):
+    tiles = list(toy_tiles(count, seed))
+    return {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
+            "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}
+
+
+def init_variables(model):
+    return jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
+                                     train=False))
+
+
+def one_step(model, variables, batch, num_devices):
+    """One plain gradient step (identity transform, learning rate 1): the parameter change
+    is the gradient itself, which Adam's first step would flatten to +-lr."""
+    step, state, placed = compiled_step(model, variables, batch, num_devices, optax.identity())
+    state, metrics = step(state, placed, np.float32(1.0))
     return jax.device_get((state.params, state.batch_stats, metrics))
 
 
@@ -118,13 +135,10 @@ def test_eight_devices_equal_one_device():
     computation as the whole global batch on one device."""
     model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS,
                         drop_connect_rate=0.0)
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                          train=False))
-    tiles = list(toy_tiles(8, 99))
-    batch = {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
-             "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}
-    on_one = one_step(model, variables, batch, jax.devices()[:1])
-    on_eight = one_step(model, variables, batch, jax.devices()[:8])
+    variables = init_variables(model)
+    batch = toy_batch(8, 99)
+    on_one = one_step(model, variables, batch, 1)
+    on_eight = one_step(model, variables, batch, 8)
     gradients = [jax.tree.map(np.subtract, variables["params"], run[0]) for run in (on_one, on_eight)]
     for one, eight in zip(jax.tree.leaves(gradients[0]), jax.tree.leaves(gradients[1])):
         scale = max(float(np.abs(one).max()), 1e-6)
@@ -134,20 +148,10 @@ def test_eight_devices_equal_one_device():
     assert max(float(np.abs(g).max()) for g in jax.tree.leaves(gradients[0])) > 1e-4
 
 
-def test_loss_falls_on_a_learnable_toy_set(record_dir):
+def test_loss_falls_on_a_learnable_toy_set():
     model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), (parallel.AXIS,))
-    tx = steps.make_optimizer()
-    step = parallel.data_parallel(
-        functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
-                          freeze_encoder=False), mesh, num_args=3, batch_args=(1,),
-        donate_args=(0,))
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
-    tiles = list(toy_tiles(8, 5))
-    batch = parallel.to_global_batch(
-        {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
-         "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}, mesh)
+    step, state, batch = compiled_step(model, init_variables(model), toy_batch(8, 5), 1,
+                                       steps.make_optimizer())
     losses = []
     for _ in range(15):
         state, metrics = step(state, batch, np.float32(3e-3))
@@ -157,19 +161,9 @@ def test_loss_falls_on_a_learnable_toy_set(record_dir):
 
 def test_frozen_encoder_keeps_weights_and_statistics():
     model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), (parallel.AXIS,))
-    tx = steps.make_optimizer()
-    step = parallel.data_parallel(
-        functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
-                          freeze_encoder=True), mesh, num_args=3, batch_args=(1,),
-        donate_args=(0,))
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                          train=False))
-    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
-    tiles = list(toy_tiles(2, 7))
-    batch = parallel.to_global_batch(
-        {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
-         "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}, mesh)
+    variables = init_variables(model)
+    step, state, batch = compiled_step(model, variables, toy_batch(2, 7), 2,
+                                       steps.make_optimizer(), freeze_encoder=True)
     state, _ = step(state, batch, np.float32(1e-2))
     after = jax.device_get(state)
     jax.tree.map(np.testing.assert_array_equal, after.params["encoder"],
