@@ -1,0 +1,219 @@
+"""The competition's score of a submission: Dice per image, averaged over images.
+
+`python -m jaxseg.evaluate --pred=submission.csv --truth=train.csv --images='train/*.tiff'`
+or `--truth=DIR` of mask images named `<id>.png` (any nonzero pixel is glomerulus).
+
+Whole-slide masks reach 2 G pixels, so RLEs are compared column block by column block
+(`rle.RleMask` decodes any window on its own) and no slide-sized mask is ever built.
+An RLE only means something with the image height (pixels are numbered down the
+columns), so shapes come from the slides' headers (`--images`) or from the masks.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from jaxseg import rle, slides
+
+ID_COLUMN = "id"
+RLE_COLUMNS = ("predicted", "encoding")  # sample_submission.csv, train.csv
+_BLOCK_PIXELS = 1 << 25
+
+Shape = tuple[int, int]
+
+
+def dice(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
+    """2|P & T| / (|P| + |T|) of two masks (nonzero = positive); 1 when both are empty."""
+    if pred_mask.shape != true_mask.shape:
+        raise ValueError(f"prediction shape {pred_mask.shape} differs from truth shape "
+                         f"{true_mask.shape}")
+    pred, true = pred_mask != 0, true_mask != 0
+    return _dice_from_counts(int(np.count_nonzero(pred & true)), int(np.count_nonzero(pred)),
+                             int(np.count_nonzero(true)))
+
+
+def _dice_from_counts(intersection: int, pred_pixels: int, true_pixels: int) -> float:
+    total = pred_pixels + true_pixels
+    return 1.0 if total == 0 else 2.0 * intersection / total
+
+
+def read_rle_csv(path: str | Path) -> dict[str, str]:
+    """{id: rle} of a `id,predicted` or `id,encoding` CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    # A whole-slide RLE is far longer than the csv module's default field limit.
+    csv.field_size_limit(2**31 - 1)
+    with path.open(newline="") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if (header is None or len(header) != 2 or header[0] != ID_COLUMN
+                or header[1] not in RLE_COLUMNS):
+            raise ValueError(f"{path}: header must be 'id,predicted' or 'id,encoding', "
+                             f"got {header}")
+        encodings: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 2:
+                raise ValueError(f"{path}: line {line} has {len(row)} fields, expected 2")
+            if row[0] in encodings:
+                raise ValueError(f"{path}: id {row[0]!r} appears twice (line {line})")
+            encodings[row[0]] = row[1]
+    return encodings
+
+
+def _counts_of_rles(pred_rle: str, true_rle: str, shape: Shape) -> tuple[int, int, int]:
+    pred, true = rle.RleMask(pred_rle, shape), rle.RleMask(true_rle, shape)
+    height, width = shape
+    intersection = pred_pixels = true_pixels = 0
+    cols_per_block = max(1, _BLOCK_PIXELS // height)
+    for x0 in range(0, width, cols_per_block):
+        x1 = min(width, x0 + cols_per_block)
+        pred_block, true_block = pred.read(0, height, x0, x1), true.read(0, height, x0, x1)
+        intersection += int(np.count_nonzero(pred_block & true_block))
+        pred_pixels += int(np.count_nonzero(pred_block))
+        true_pixels += int(np.count_nonzero(true_block))
+    return intersection, pred_pixels, true_pixels
+
+
+def _counts_of_masks(pred_rle: str, true_mask: np.ndarray) -> tuple[int, int, int]:
+    pred, true = rle.decode(pred_rle, true_mask.shape), true_mask != 0
+    return (int(np.count_nonzero(pred & true)), int(np.count_nonzero(pred)),
+            int(np.count_nonzero(true)))
+
+
+def find_masks(directory: str | Path) -> dict[str, Path]:
+    """{id: mask file} of a folder of `<id>.png` (or TIFF/JPEG) masks."""
+    directory = Path(directory)
+    masks = {path.stem: path for path in sorted(directory.iterdir())
+             if path.suffix.lower() in slides.IMAGE_SUFFIXES}
+    if not masks:
+        raise FileNotFoundError(f"{directory}: no mask images "
+                                f"({', '.join(slides.IMAGE_SUFFIXES)})")
+    return masks
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Bool (H, W) mask: any nonzero channel is glomerulus."""
+    with slides.open_mask(path) as mask:
+        return mask.read(0, mask.height, 0, mask.width)
+
+
+def image_shapes(pattern: str) -> dict[str, Shape]:
+    """{file stem: (height, width)} from the headers of the images matching a glob."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"--images {pattern!r}: no files match")
+    shapes = {}
+    for path in paths:
+        with slides.open_slide(path) as slide:
+            shapes[Path(path).stem] = (slide.height, slide.width)
+    return shapes
+
+
+def evaluate(pred_csv: str | Path, truth: str | Path,
+             shapes: Mapping[str, Shape] | None = None) -> dict:
+    """Per-image Dice of every id in `pred_csv` and their mean (the competition score).
+
+    `truth` is a CSV of RLEs (then `shapes` must give each image's (height, width)) or a
+    folder of masks named by id (their own shape; a shape in `shapes` must agree).
+    Returns {'images': [{'id', 'dice', 'pred_pixels', 'true_pixels'}, ...],
+    'mean_dice': float, 'unscored_truth_ids': [...]}.
+    """
+    predictions = read_rle_csv(pred_csv)
+    if not predictions:
+        raise ValueError(f"{pred_csv}: holds no predictions")
+    truth = Path(truth)
+    shapes = dict(shapes or {})
+    masks = find_masks(truth) if truth.is_dir() else None
+    true_rles = None if masks is not None else read_rle_csv(truth)
+    truth_ids = set(masks if masks is not None else true_rles)
+    missing = sorted(set(predictions) - truth_ids)
+    if missing:
+        raise ValueError(f"{truth}: no truth for predicted ids {', '.join(missing[:5])}")
+    images = []
+    for image_id, pred_rle in predictions.items():
+        try:
+            if masks is not None:
+                true_mask = read_mask(masks[image_id])
+                if image_id in shapes and tuple(shapes[image_id]) != true_mask.shape:
+                    raise ValueError(f"mask is {true_mask.shape}, image is {shapes[image_id]}")
+                counts = _counts_of_masks(pred_rle, true_mask)
+            else:
+                if image_id not in shapes:
+                    raise ValueError("unknown image shape: give the images with --images")
+                counts = _counts_of_rles(pred_rle, true_rles[image_id], shapes[image_id])
+        except ValueError as error:
+            raise ValueError(f"image {image_id}: {error}") from None
+        images.append({"id": image_id, "dice": _dice_from_counts(*counts),
+                       "pred_pixels": counts[1], "true_pixels": counts[2]})
+    return {"images": images, "mean_dice": float(np.mean([row["dice"] for row in images])),
+            "unscored_truth_ids": sorted(truth_ids - set(predictions))}
+
+
+def default_out_path(pred_csv: str | Path) -> Path:
+    pred_csv = Path(pred_csv)
+    return pred_csv.with_name(f"{pred_csv.stem}_dice.csv")
+
+
+def format_table(result: dict) -> str:
+    width = max(len("mean"), *(len(row["id"]) for row in result["images"]))
+    lines = [f"{'id':<{width}}  {'dice':>7}  {'pred_pixels':>12}  {'true_pixels':>12}"]
+    lines += [f"{row['id']:<{width}}  {row['dice']:7.4f}  {row['pred_pixels']:12d}  "
+              f"{row['true_pixels']:12d}" for row in result["images"]]
+    lines.append(f"{'mean':<{width}}  {result['mean_dice']:7.4f}")
+    return "\n".join(lines)
+
+
+def write_table(result: dict, out: str | Path) -> None:
+    """CSV of the per-image rows and a last `mean` row, written whole or not at all."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "dice", "pred_pixels", "true_pixels"])
+        for row in result["images"]:
+            writer.writerow([row["id"], f"{row['dice']:.6f}", row["pred_pixels"],
+                             row["true_pixels"]])
+        writer.writerow(["mean", f"{result['mean_dice']:.6f}", "", ""])
+    tmp.replace(out)
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("pred", None, "Submission CSV (id,predicted).", required=True)
+    flags.DEFINE_string("truth", None, "Truth: a CSV of RLEs (id,encoding, as train.csv) or "
+                        "a folder of masks named <id>.png.", required=True)
+    flags.DEFINE_string("images", None, "Glob of the predicted images, read for their "
+                        "shapes (needed with a CSV truth).")
+    flags.DEFINE_string("out", None, "Per-image Dice CSV; default <pred>_dice.csv beside "
+                        "the prediction.")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = flags.FLAGS
+    shapes = image_shapes(config.images) if config.images else None
+    result = evaluate(config.pred, config.truth, shapes)
+    print(format_table(result))
+    if result["unscored_truth_ids"]:
+        print(f"({len(result['unscored_truth_ids'])} truth ids have no prediction and are "
+              "not scored)", file=sys.stderr)
+    out = config.out or default_out_path(config.pred)
+    write_table(result, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    from jaxseg import cli
+
+    define_flags()
+    cli.run_main(main)

@@ -1,0 +1,422 @@
+"""Whole-slide glomerulus masks from trained models: a Kaggle submission CSV.
+
+`python -m jaxseg.predict --workdir=RUN --images='test/*.tiff' --out=submission.csv`
+
+Each slide is seen at the training scale (full resolution reduced by the factor the
+tiles were made with), cut into overlapping windows of the training tile size and
+predicted in batches over all devices: every fold's best model and, with flip TTA,
+the four flips of each window, averaged as probabilities. The windows are blended by
+`jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
+bool mask at model scale; the full-resolution RLE is computed from it directly.
+Everything runs on one host.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import glob
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxseg import checkpoints, convert, models, parallel, slides, stitch
+
+TTA_MODES = ("none", "flips")
+# The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
+SEED_REDUCTION = 4
+SEED_TILE_SIZE = 512
+OVERLAY_MAX_SIDE = 2048
+_OVERLAY_COLOUR = np.array([255, 0, 0], np.float32)
+_OVERLAY_OPACITY = 0.45
+_OVERLAY_STRIP_PIXELS = 1 << 24
+_RLE_BLOCK_PIXELS = 1 << 25
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """The models to average, and the scale and tile size they were trained at."""
+    model: models.Unet
+    variables: list[dict]
+    tile: int
+    reduction: int
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideOptions:
+    tile: int
+    reduction: int
+    overlap: int          # pixels at model scale
+    blend: str
+    batch_size: int       # windows per call of the predictor
+    threshold: float
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.json (not a jaxseg.train run "
+                                "directory)")
+    return _read_json(path)
+
+
+def run_reduction(run_dir: Path | None) -> int | None:
+    """The reduction of the run's tiles, from the prepare.json that jaxseg.train keeps."""
+    if run_dir is None or not (run_dir / "prepare.json").is_file():
+        return None
+    record = _read_json(run_dir / "prepare.json")
+    if "reduction" not in record:
+        raise ValueError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
+    return int(record["reduction"])
+
+
+def find_fold_dirs(run_dir: Path) -> list[Path]:
+    """Folds with a best checkpoint, in fold order; a run may hold only some folds."""
+    folds = {int(path.name.removeprefix("fold_")): path for path in run_dir.glob("fold_*")
+             if path.name.removeprefix("fold_").isdigit() and (path / "best").is_dir()}
+    if not folds:
+        raise FileNotFoundError(f"{run_dir}: no fold_K/best checkpoints")
+    return [folds[fold] for fold in sorted(folds)]
+
+
+def build_model(backbone: str, half_precision: bool, normalize_input: bool,
+                depthwise_impl: str = "auto") -> models.Unet:
+    return models.Unet(backbone=backbone, dtype=jnp.bfloat16 if half_precision else jnp.float32,
+                       normalize_input=normalize_input, depthwise_impl=depthwise_impl)
+
+
+def check_variables(model: models.Unet, variables: dict, tile: int, source: str) -> None:
+    """A checkpoint of another backbone would fail deep inside XLA; say so up front."""
+    expected = jax.eval_shape(functools.partial(model.init, train=False),
+                              jax.random.PRNGKey(0), jnp.zeros((1, tile, tile, 3)))
+    if _leaf_shapes(variables) != _leaf_shapes(expected):
+        raise ValueError(f"{source}: variables do not fit a Unet-{model.backbone} "
+                         "(another backbone or model?)")
+
+
+def _leaf_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_ensemble(workdir: str | None, checkpoint: str | None = None,
+                  keras_weights: str | None = None, tile_size: int | None = None,
+                  reduction: int | None = None) -> Ensemble:
+    """The models named by the flags; tile size and reduction from the run unless given.
+
+    `workdir` alone: every fold's best checkpoint. `checkpoint`: one fold directory
+    (its run directory is its parent unless `workdir` says otherwise).
+    `keras_weights`: weights converted by jaxseg.convert; without a run directory the
+    seed's 512 px tiles at 4x reduction are assumed.
+    """
+    if checkpoint and keras_weights:
+        raise ValueError("give --checkpoint or --keras_weights, not both")
+    run_dir = Path(workdir) if workdir else (Path(checkpoint).parent if checkpoint else None)
+    if run_dir is None and not keras_weights:
+        raise ValueError("give --workdir (a training run), --checkpoint or --keras_weights")
+    if run_dir is not None and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    config = read_run_config(run_dir) if run_dir is not None else {}
+    if keras_weights:
+        variables, meta = convert.load_converted(keras_weights)
+        variables_list, source = [variables], f"Keras weights {keras_weights}"
+        backbone = meta["backbone"]
+        # True only for keras.applications weights, which normalised inside the model.
+        normalize_input = meta.get("normalize_input", False)
+        half_precision = False
+    else:
+        fold_dirs = [Path(checkpoint)] if checkpoint else find_fold_dirs(run_dir)
+        variables_list = [checkpoints.load_best_variables(path) for path in fold_dirs]
+        source = ", ".join(str(path) for path in fold_dirs)
+        if "backbone" not in config:
+            raise ValueError(f"{run_dir / 'config.json'}: has no 'backbone' field")
+        backbone = config["backbone"]
+        normalize_input = config.get("normalize_input", False)
+        half_precision = config.get("half_precision", False)
+    model = build_model(backbone, half_precision, normalize_input,
+                        config.get("depthwise_impl", "auto"))
+    tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
+    if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:
+        raise ValueError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "
+                         f"got {tile}")
+    if reduction is None:
+        reduction = run_reduction(run_dir) or SEED_REDUCTION
+    if reduction < 1:
+        raise ValueError(f"--reduction must be >= 1, got {reduction}")
+    for variables in variables_list:
+        check_variables(model, variables, tile, source)
+    return Ensemble(model, variables_list, tile, reduction, source)
+
+
+def _unchanged(x: jax.Array) -> jax.Array:
+    return x
+
+
+def flips_of(tta: str) -> list[Callable[[jax.Array], jax.Array]]:
+    """The TTA flips of (N, H, W, ...) arrays; each flip is its own inverse."""
+    if tta == "none":
+        return [_unchanged]
+    if tta == "flips":
+        return [_unchanged, lambda x: jnp.flip(x, 2), lambda x: jnp.flip(x, 1),
+                lambda x: jnp.flip(x, (1, 2))]
+    raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
+
+
+def ensemble_probabilities(stacked_variables: dict, images: jax.Array, *, model: models.Unet,
+                           tta: str) -> jax.Array:
+    """Mean probability over folds (stacked on a leading axis) and flips: (N, H, W).
+
+    The flipped copies ride in one batch, and `lax.map` runs the folds one after the
+    other through a single compiled model.
+    """
+    flips = flips_of(tta)
+    batch = jnp.concatenate([flip(images) for flip in flips])
+
+    def fold_probabilities(variables: dict) -> jax.Array:
+        return jax.nn.sigmoid(model.apply(variables, batch, train=False)[..., 0])
+
+    probabilities = jax.lax.map(fold_probabilities, stacked_variables).mean(axis=0)
+    views = jnp.split(probabilities, len(flips))
+    return sum(flip(view) for flip, view in zip(flips, views)) / len(flips)
+
+
+def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
+                         ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
+    """(predict_fn for stitch, windows per call): uint8 windows -> probabilities.
+
+    Every call gets the full global batch (a short last batch is padded, and the
+    padding's rows come back for stitch to ignore), so the program compiles once. The
+    result is returned before it is computed: stitch reads the next windows while the
+    devices work.
+    """
+    if per_device_batch < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {per_device_batch}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
+    mesh = parallel.make_mesh()
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *ensemble.variables)
+    stacked = parallel.replicate(stacked, mesh)
+    step = parallel.data_parallel(
+        functools.partial(ensemble_probabilities, model=ensemble.model, tta=tta), mesh,
+        num_args=2, batch_args=(1,), shard_outputs=True)
+    global_batch = per_device_batch * jax.device_count()
+
+    def predict(windows: np.ndarray) -> jax.Array:
+        if len(windows) < global_batch:
+            padding = np.zeros((global_batch - len(windows), *windows.shape[1:]),
+                               windows.dtype)
+            windows = np.concatenate([windows, padding])
+        images = parallel.to_global_batch({"image": windows}, mesh)["image"]
+        return step(stacked, images)
+
+    return predict, global_batch
+
+
+def model_scale_shape(height: int, width: int, reduction: int) -> tuple[int, int]:
+    return -(-height // reduction), -(-width // reduction)
+
+
+def scaled_reader(slide: slides.Slide, reduction: int) -> stitch.ReadWindow:
+    """Reads model-scale windows from the full-resolution slide.
+
+    Model pixel (y, x) is the mean of the full-resolution block starting at
+    (y * reduction, x * reduction); the last blocks of a slide whose size the
+    reduction does not divide are completed by repeating the edge pixels.
+    """
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        top, left = y0 * reduction, x0 * reduction
+        bottom = min(y1 * reduction, slide.height)
+        right = min(x1 * reduction, slide.width)
+        pixels = slide.read(top, bottom, left, right)
+        if reduction == 1:
+            return pixels
+        missing_y = (y1 - y0) * reduction - (bottom - top)
+        missing_x = (x1 - x0) * reduction - (right - left)
+        if missing_y or missing_x:
+            pixels = np.pad(pixels, ((0, missing_y), (0, missing_x), (0, 0)), mode="edge")
+        return slides.downscale_area(pixels, reduction)
+
+    return read
+
+
+def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: SlideOptions,
+                  description: str = "") -> np.ndarray:
+    """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction))."""
+    height, width = model_scale_shape(slide.height, slide.width, options.reduction)
+    grid = stitch.plan_windows(height, width, options.tile, options.overlap)
+    with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False) as bar:
+        return stitch.predict_mask(grid, scaled_reader(slide, options.reduction), predict_fn,
+                                   options.threshold, blend=options.blend,
+                                   batch_size=options.batch_size, progress=bar.update)
+
+
+def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -> str:
+    """Competition RLE of `mask` upsampled `reduction` times (nearest) and cropped to shape.
+
+    Computed from the runs of the small mask: each run down a model-scale column
+    becomes a run in each of the `reduction` full-resolution columns it covers, and
+    a run reaching the bottom of a column joins one starting at the top of the next.
+    The full-resolution mask (up to 2 G pixels) is never built.
+    """
+    height, width = shape
+    if mask.shape != model_scale_shape(height, width, reduction):
+        raise ValueError(f"mask shape {mask.shape} is not {shape} reduced {reduction} times")
+    starts, ends = [], []
+    cols_per_block = max(1, _RLE_BLOCK_PIXELS // (mask.shape[0] + 1))
+    for c0 in range(0, mask.shape[1], cols_per_block):
+        block = mask[:, c0:c0 + cols_per_block].T.astype(np.int8)
+        edges = np.diff(block, axis=1, prepend=0, append=0)
+        run_cols, run_rows = np.nonzero(edges)  # per column: start, end, start, end, ...
+        col = run_cols[0::2].astype(np.int64) + c0
+        top = run_rows[0::2].astype(np.int64) * reduction
+        bottom = np.minimum(run_rows[1::2].astype(np.int64) * reduction, height)
+        copies = np.minimum(reduction, width - col * reduction)
+        first_copy = np.cumsum(copies) - copies
+        offset = np.arange(copies.sum()) - np.repeat(first_copy, copies)
+        full_col = np.repeat(col * reduction, copies) + offset
+        order = np.argsort(full_col * height + np.repeat(top, copies), kind="stable")
+        starts.append((full_col * height + np.repeat(top, copies))[order])
+        ends.append((full_col * height + np.repeat(bottom, copies))[order])
+    starts, ends = np.concatenate(starts), np.concatenate(ends)
+    if not len(starts):
+        return ""
+    separate = starts[1:] != ends[:-1]
+    run_starts = starts[np.r_[True, separate]]
+    run_ends = ends[np.r_[separate, True]]
+    pairs = np.stack([run_starts + 1, run_ends - run_starts], axis=1).ravel()
+    return " ".join(map(str, pairs.tolist()))
+
+
+def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int, path: Path) -> None:
+    """PNG of the slide, at most OVERLAY_MAX_SIDE px, with the predicted mask tinted red."""
+    from PIL import Image
+
+    step = max(1, math.ceil(max(mask.shape) / OVERLAY_MAX_SIDE))
+    factor = reduction * step
+    height, width = model_scale_shape(slide.height, slide.width, factor)
+    read = scaled_reader(slide, factor)
+    rows_per_strip = max(1, _OVERLAY_STRIP_PIXELS // (slide.width * factor))
+    image = np.concatenate([read(y0, min(y0 + rows_per_strip, height), 0, width)
+                            for y0 in range(0, height, rows_per_strip)]).astype(np.float32)
+    small_mask = mask[::step, ::step]
+    image[small_mask] += _OVERLAY_OPACITY * (_OVERLAY_COLOUR - image[small_mask])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(image).astype(np.uint8)).save(path)
+
+
+def find_images(pattern: str) -> list[Path]:
+    paths = sorted(Path(path) for path in glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"--images {pattern!r}: no files match")
+    stems = [path.stem for path in paths]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise ValueError(f"--images {pattern!r}: several files share the id "
+                         f"{duplicates[0]!r} (ids are file names without extension)")
+    return paths
+
+
+def check_readable(paths: list[Path]) -> None:
+    """Opens every image before hours of prediction: a bad file fails now, not last."""
+    for path in paths:
+        with slides.open_slide(path):
+            pass
+
+
+def predict_to_csv(paths: list[Path], predict_fn: stitch.PredictFn, options: SlideOptions,
+                   out: str | Path, overlays: str | Path | None = None) -> None:
+    """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with tmp.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["id", "predicted"])
+            for number, path in enumerate(tqdm(paths, desc="slides", unit="slide")):
+                with slides.open_slide(path) as slide:
+                    mask = predict_slide(slide, predict_fn, options,
+                                         f"{path.stem} ({number + 1}/{len(paths)})")
+                    writer.writerow([path.stem, encode_upsampled(
+                        mask, options.reduction, (slide.height, slide.width))])
+                    if overlays:
+                        write_overlay(slide, mask, options.reduction,
+                                      Path(overlays) / f"{path.stem}.png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Training run directory (config.json, fold_K/best).")
+    flags.DEFINE_string("checkpoint", None, "One fold directory (RUN/fold_K) instead of all "
+                        "folds of --workdir.")
+    flags.DEFINE_string("keras_weights", None, "Directory written by jaxseg.convert "
+                        "(converted Keras weights) instead of checkpoints.")
+    flags.DEFINE_string("images", None, "Glob of slides or tiles (TIFF, PNG, JPEG).",
+                        required=True)
+    flags.DEFINE_string("out", "submission.csv", "Submission CSV to write (id,predicted).")
+    flags.DEFINE_integer("reduction", None, "Downscale factor of the training tiles; "
+                         f"default from RUN/prepare.json, else {SEED_REDUCTION} (the seed).")
+    flags.DEFINE_integer("tile_size", None, "Window size at model scale; default the "
+                         f"run's image_size, else {SEED_TILE_SIZE}.")
+    flags.DEFINE_float("overlap", 0.25, "Overlap of neighbouring windows, as a fraction "
+                       "of the window.")
+    flags.DEFINE_enum("blend", "center", list(stitch.BLENDS), "How overlapping windows "
+                      "combine: keep each window's centre, or Gaussian weights.")
+    flags.DEFINE_enum("tta", "flips", list(TTA_MODES), "Test-time augmentation: none, or "
+                      "the mean over identity, left-right, up-down and both flips.")
+    flags.DEFINE_float("threshold", 0.5, "Probability above which a pixel is glomerulus.")
+    flags.DEFINE_integer("batch_size", 4, "Windows per device per step (times 4 with "
+                         "flip TTA).")
+    flags.DEFINE_string("overlays", None, "Directory for downscaled PNG overlays of the "
+                        "prediction on each image.")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = flags.FLAGS
+    if not 0 <= config.overlap < 1:
+        raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
+    paths = find_images(config.images)
+    check_readable(paths)
+    ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
+                             config.tile_size, config.reduction)
+    predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
+    options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
+                           overlap=round(config.overlap * ensemble.tile), blend=config.blend,
+                           batch_size=global_batch, threshold=config.threshold)
+    print(f"{len(paths)} images; {len(ensemble.variables)} model(s) from {ensemble.source}; "
+          f"{ensemble.tile} px windows at 1/{ensemble.reduction} scale, overlap "
+          f"{options.overlap} px, {config.blend} blend, TTA {config.tta}, "
+          f"{jax.device_count()} devices", file=sys.stderr, flush=True)
+    predict_to_csv(paths, predict_fn, options, config.out, config.overlays)
+    print(f"wrote {config.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from jaxseg import cli
+
+    define_flags()
+    cli.run_main(main)

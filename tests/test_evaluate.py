@@ -1,0 +1,143 @@
+"""The competition metric: Dice per image (1 when both masks are empty), mean over images."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score
+
+from jaxseg import evaluate, rle
+
+PRED = np.array([[1, 1, 0, 0],
+                 [1, 0, 0, 0],
+                 [0, 0, 0, 1]], bool)
+TRUE = np.array([[1, 0, 0, 0],
+                 [1, 1, 0, 0],
+                 [0, 0, 1, 1]], bool)  # |P & T| = 3, |P| = 4, |T| = 5: Dice 6/9
+
+
+def test_dice_pinned_on_hand_made_masks():
+    empty = np.zeros((3, 4), bool)
+    assert evaluate.dice(PRED, TRUE) == pytest.approx(6 / 9)
+    assert evaluate.dice(empty, empty) == 1.0
+    assert evaluate.dice(PRED, empty) == 0.0
+    assert evaluate.dice(empty, TRUE) == 0.0
+    assert evaluate.dice(TRUE, TRUE) == 1.0
+    assert evaluate.dice(PRED.astype(np.uint8) * 255, TRUE) == pytest.approx(6 / 9)
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.dice(PRED, TRUE.T)
+
+
+def test_dice_equals_sklearn_f1():
+    rng = np.random.default_rng(0)
+    pred, true = rng.random((37, 53)) > 0.6, rng.random((37, 53)) > 0.3
+    assert evaluate.dice(pred, true) == pytest.approx(f1_score(true.ravel(), pred.ravel()))
+
+
+def write_csv(path, column, rows):
+    path.write_text(f"id,{column}\n" + "".join(f"{i},{r}\n" for i, r in rows))
+    return path
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    """Three images: Dice 6/9, both empty (1), prediction empty (0); mean 5/9."""
+    empty = np.zeros((3, 4), bool)
+    pred = write_csv(tmp_path / "sub.csv", "predicted",
+                     [("a", rle.encode(PRED)), ("b", ""), ("c", "")])
+    truth = write_csv(tmp_path / "train.csv", "encoding",
+                      [("a", rle.encode(TRUE)), ("b", ""), ("c", rle.encode(TRUE)),
+                       ("d", "")])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for image_id, mask in (("a", TRUE), ("b", empty), ("c", TRUE)):
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"{image_id}.png")
+    shapes = {image_id: (3, 4) for image_id in "abcd"}
+    return pred, truth, masks, shapes
+
+
+def test_evaluate_against_rle_truth_and_mask_folder(hand_made):
+    pred, truth, masks, shapes = hand_made
+    for result in (evaluate.evaluate(pred, truth, shapes), evaluate.evaluate(pred, masks)):
+        assert [row["id"] for row in result["images"]] == ["a", "b", "c"]
+        assert [row["dice"] for row in result["images"]] == pytest.approx([6 / 9, 1.0, 0.0])
+        assert [row["pred_pixels"] for row in result["images"]] == [4, 0, 0]
+        assert [row["true_pixels"] for row in result["images"]] == [5, 0, 5]
+        assert result["mean_dice"] == pytest.approx(5 / 9)
+    assert evaluate.evaluate(pred, truth, shapes)["unscored_truth_ids"] == ["d"]
+
+
+def test_rle_comparison_in_column_blocks_matches_decoded_masks(monkeypatch):
+    rng = np.random.default_rng(1)
+    pred, true = rng.random((50, 70)) > 0.5, rng.random((50, 70)) > 0.4
+    monkeypatch.setattr(evaluate, "_BLOCK_PIXELS", 50 * 3)  # blocks of 3 columns
+    intersection, pred_pixels, true_pixels = evaluate._counts_of_rles(
+        rle.encode(pred), rle.encode(true), (50, 70))
+    assert evaluate._dice_from_counts(intersection, pred_pixels, true_pixels) == \
+        pytest.approx(evaluate.dice(pred, true))
+    assert (pred_pixels, true_pixels) == (pred.sum(), true.sum())
+
+
+def test_evaluate_errors_name_the_problem(hand_made, tmp_path):
+    pred, truth, masks, shapes = hand_made
+    with pytest.raises(ValueError, match="image a: unknown image shape"):
+        evaluate.evaluate(pred, truth, {})
+    with pytest.raises(ValueError, match="image a: mask is"):
+        evaluate.evaluate(pred, masks, {"a": (4, 3)})
+    with pytest.raises(ValueError, match="runs past the image"):
+        evaluate.evaluate(pred, truth, {**shapes, "a": (2, 2)})
+    stranger = write_csv(tmp_path / "s.csv", "predicted", [("zzz", "")])
+    with pytest.raises(ValueError, match="no truth for predicted ids zzz"):
+        evaluate.evaluate(stranger, truth, shapes)
+    twice = write_csv(tmp_path / "t.csv", "predicted", [("a", ""), ("a", "")])
+    with pytest.raises(ValueError, match="appears twice"):
+        evaluate.evaluate(twice, truth, shapes)
+    bad_header = write_csv(tmp_path / "h.csv", "rle", [("a", "")])
+    with pytest.raises(ValueError, match="header"):
+        evaluate.evaluate(bad_header, truth, shapes)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        evaluate.evaluate(tmp_path / "absent.csv", truth, shapes)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "jaxseg.evaluate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_and_saves_the_table(hand_made):
+    pred, _, masks, _ = hand_made
+    done = run_cli(f"--pred={pred}", f"--truth={masks}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2].split() == ["mean", "0.5556"]
+    saved = (pred.parent / "sub_dice.csv").read_text().splitlines()
+    assert saved[0] == "id,dice,pred_pixels,true_pixels"
+    assert saved[1:] == ["a,0.666667,4,5", "b,1.000000,0,0", "c,0.000000,0,5",
+                         "mean,0.555556,,"]
+
+
+def test_shapes_come_from_image_headers(hand_made, tmp_path):
+    pred, truth, _, _ = hand_made
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id in "abc":
+        Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(images / f"{image_id}.png")
+    shapes = evaluate.image_shapes(str(images / "*.png"))
+    assert shapes == {"a": (3, 4), "b": (3, 4), "c": (3, 4)}
+    out = tmp_path / "table.csv"
+    done = run_cli(f"--pred={pred}", f"--truth={truth}", f"--images={images}/*.png",
+                   f"--out={out}")
+    assert done.returncode == 0, done.stderr
+    assert out.read_text().splitlines()[-1] == "mean,0.555556,,"
+    assert "1 truth ids have no prediction" in done.stderr
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        evaluate.image_shapes(str(images / "*.tiff"))
+
+
+def test_cli_error_is_one_line(hand_made):
+    pred, truth, _, _ = hand_made
+    done = run_cli(f"--pred={pred}", f"--truth={truth}")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: image a: unknown image shape: give the images with --images"]
+    assert not (pred.parent / "sub_dice.csv").exists()

@@ -1,0 +1,247 @@
+"""Whole-slide prediction: the RLE of the upsampled mask, scaled reading, flip TTA, and a
+fake training run (random Unet-efficientnetb0, 64 px tiles) predicted end to end."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from jaxseg import checkpoints, convert, evaluate, models, predict, rle, slides
+
+TILE = 64
+REDUCTION = 2
+
+
+def upsample(mask, factor, shape):
+    return np.repeat(np.repeat(mask, factor, 0), factor, 1)[:shape[0], :shape[1]]
+
+
+@pytest.mark.parametrize("shape,factor", [((7, 5), 1), ((9, 13), 2), ((10, 10), 2),
+                                          ((31, 17), 3), ((64, 41), 4)])
+def test_encode_upsampled_equals_rle_of_the_upsampled_mask(shape, factor, monkeypatch):
+    monkeypatch.setattr(predict, "_RLE_BLOCK_PIXELS", 20)  # several column blocks
+    small_shape = predict.model_scale_shape(*shape, factor)
+    rng = np.random.default_rng(sum(shape) + factor)
+    masks = [rng.random(small_shape) > 0.5, np.zeros(small_shape, bool),
+             np.ones(small_shape, bool), np.eye(*small_shape, dtype=bool)]
+    for mask in masks:
+        assert predict.encode_upsampled(mask, factor, shape) == \
+            rle.encode(upsample(mask, factor, shape))
+
+
+def test_encode_upsampled_refuses_a_mask_of_another_scale():
+    with pytest.raises(ValueError, match="not \\(9, 13\\) reduced 2 times"):
+        predict.encode_upsampled(np.zeros((4, 7), bool), 2, (9, 13))
+
+
+def test_scaled_reader_gives_block_means_with_edges_repeated(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (23, 17, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    padded = np.pad(image, ((0, 1), (0, 1), (0, 0)), mode="edge").astype(np.float64)
+    expected = padded.reshape(8, 3, 6, 3, 3).mean(axis=(1, 3))
+    expected = np.floor(expected + 0.5).astype(np.uint8)  # round half up, as downscale_area
+    with slides.open_slide(tmp_path / "a.png") as slide:
+        read = predict.scaled_reader(slide, 3)
+        np.testing.assert_array_equal(read(0, 8, 0, 6), expected)
+        np.testing.assert_array_equal(read(5, 8, 2, 6), expected[5:8, 2:6])
+        np.testing.assert_array_equal(predict.scaled_reader(slide, 1)(3, 9, 4, 5),
+                                      image[3:9, 4:5])
+
+
+def random_variables(model, seed):
+    """Random weights of the right shapes, He-scaled, without the (slow on CPU) model.init."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, TILE, TILE, 3)), train=False))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = np.prod(leaf.shape[:2]) if leaf.shape[-1] == 1 else np.prod(leaf.shape[:-1])
+            return (rng.standard_normal(leaf.shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, np.float32)
+        return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """A jaxseg.train run directory: two folds of a random Unet-b0, 64 px, reduction 2.
+
+    With normalised input the random network's logits stay within about +-10; on raw
+    0..255 pixels they reach thousands and float rounding flips probabilities.
+    """
+    run = tmp_path_factory.mktemp("run")
+    model = models.Unet("efficientnetb0")
+    for fold in range(2):
+        saver = checkpoints.FoldCheckpoints(run / f"fold_{fold}")
+        saver.save_best(0, random_variables(model, seed=fold), {"val_dice_coe": 0.5})
+        saver.close()
+    (run / "config.json").write_text(json.dumps({
+        "backbone": "efficientnetb0", "image_size": TILE, "half_precision": False,
+        "normalize_input": True, "num_folds": 2, "depthwise_impl": "auto"}))
+    (run / "prepare.json").write_text(json.dumps({"tile_size": TILE * REDUCTION,
+                                                  "reduction": REDUCTION}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A tiled TIFF larger than one window and a PNG smaller than one window."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(5)
+    tifffile.imwrite(folder / "slide1.tiff", rng.integers(0, 256, (190, 301, 3), np.uint8),
+                     tile=(32, 32))
+    Image.fromarray(rng.integers(0, 256, (101, 77, 3), np.uint8)).save(folder / "tile2.png")
+    return folder
+
+
+def test_flip_tta_is_flip_equivariant_and_averages_folds(fake_run):
+    ensemble = predict.load_ensemble(str(fake_run))
+    assert len(ensemble.variables) == 2 and (ensemble.tile, ensemble.reduction) == (64, 2)
+    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *ensemble.variables)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (TILE, TILE, 3), np.uint8)
+    half = rng.integers(0, 256, (TILE // 2, TILE // 2, 3), np.uint8)
+    top = np.concatenate([half, half[:, ::-1]], axis=1)
+    symmetric = np.concatenate([top, top[::-1]], axis=0)
+    batch = np.stack([image, image[:, ::-1], image[::-1], symmetric])
+    tta = jax.jit(lambda v, x: predict.ensemble_probabilities(v, x, model=ensemble.model,
+                                                              tta="flips"))(stacked, batch)
+    tta = np.asarray(tta)
+    np.testing.assert_allclose(tta[1], tta[0][:, ::-1], atol=1e-5)
+    np.testing.assert_allclose(tta[2], tta[0][::-1], atol=1e-5)
+    np.testing.assert_allclose(tta[3], tta[3][::-1, ::-1], atol=1e-5)
+    np.testing.assert_allclose(tta[3], tta[3][:, ::-1], atol=1e-5)
+
+    apply = jax.jit(lambda v, x: jax.nn.sigmoid(ensemble.model.apply(v, x, train=False)[..., 0]))
+    views = np.stack([image, image[:, ::-1], image[::-1], image[::-1, ::-1]])
+    per_fold = [np.asarray(apply(v, views)) for v in ensemble.variables]
+    unflipped = [np.mean([p[0], p[1][:, ::-1], p[2][::-1], p[3][::-1, ::-1]], axis=0)
+                 for p in per_fold]
+    np.testing.assert_allclose(tta[0], np.mean(unflipped, axis=0), atol=1e-5)
+    # Without TTA the random model is not flip-equivariant: the test above can fail.
+    assert np.abs(per_fold[0][1][:, ::-1] - per_fold[0][0]).max() > 1e-3
+
+    sharded, global_batch = predict.make_batch_predictor(ensemble, "flips", per_device_batch=1)
+    assert global_batch == jax.device_count()
+    np.testing.assert_allclose(np.asarray(sharded(batch))[:len(batch)], tta, atol=1e-5)
+
+
+def options(tile=TILE):
+    return predict.SlideOptions(tile=tile, reduction=REDUCTION, overlap=16, blend="center",
+                                batch_size=jax.device_count(), threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def submission(fake_run, images, tmp_path_factory):
+    """The fake run's prediction of both images (no TTA), with overlays."""
+    ensemble = predict.load_ensemble(str(fake_run))
+    predict_fn, _ = predict.make_batch_predictor(ensemble, "none", per_device_batch=1)
+    out = tmp_path_factory.mktemp("sub") / "submission.csv"
+    predict.predict_to_csv(predict.find_images(str(images / "*")), predict_fn, options(), out,
+                           overlays=out.parent / "overlays")
+    return out, predict_fn
+
+
+def test_predict_end_to_end_writes_rles_of_the_predicted_masks(submission, images):
+    out, predict_fn = submission
+    assert out.read_text().splitlines()[0] == "id,predicted"
+    encodings = evaluate.read_rle_csv(out)
+    assert list(encodings) == ["slide1", "tile2"]
+    fractions = []
+    for path in predict.find_images(str(images / "*")):
+        with slides.open_slide(path) as slide:
+            shape = (slide.height, slide.width)
+            mask = predict.predict_slide(slide, predict_fn, options())
+        assert mask.shape == predict.model_scale_shape(*shape, REDUCTION)
+        np.testing.assert_array_equal(rle.decode(encodings[path.stem], shape),
+                                      upsample(mask, REDUCTION, shape))
+        fractions.append(mask.mean())
+        overlay = np.asarray(Image.open(out.parent / "overlays" / f"{path.stem}.png"))
+        assert overlay.shape == (*mask.shape, 3)
+    assert 0 < np.mean(fractions) < 1, fractions  # the random model predicts both classes
+    assert not list(out.parent.glob(".*"))
+
+
+def test_cli_writes_the_same_submission(submission, fake_run, images, tmp_path):
+    out = tmp_path / "cli.csv"
+    done = subprocess.run([sys.executable, "-m", "jaxseg.predict", f"--workdir={fake_run}",
+                           f"--images={images}/*", f"--out={out}", "--tta=none",
+                           "--overlap=0.25", "--blend=center", "--batch_size=1",
+                           f"--overlays={tmp_path / 'overlays'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "2 model(s)" in done.stderr and "64 px windows at 1/2 scale" in done.stderr
+    assert out.read_text() == submission[0].read_text()
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["slide1.png",
+                                                                         "tile2.png"]
+
+
+def test_keras_weights_take_backbone_and_normalisation_from_the_conversion(fake_run,
+                                                                         monkeypatch):
+    variables = checkpoints.load_best_variables(fake_run / "fold_0")
+    meta = {"backbone": "efficientnetb0", "normalize_input": True}
+    monkeypatch.setattr(convert, "load_converted", lambda directory: (variables, meta))
+    ensemble = predict.load_ensemble(None, keras_weights="converted", tile_size=TILE)
+    assert (ensemble.tile, ensemble.reduction) == (TILE, predict.SEED_REDUCTION)
+    assert ensemble.model.backbone == "efficientnetb0" and ensemble.model.normalize_input
+    with pytest.raises(ValueError, match="not both"):
+        predict.load_ensemble(None, checkpoint=str(fake_run / "fold_0"), keras_weights="x")
+
+
+def test_a_failing_slide_leaves_no_csv(images, tmp_path):
+    calls = []
+
+    def fails_on_second_slide(batch):
+        calls.append(len(batch))
+        if len(calls) > 1:
+            raise ValueError("device lost")
+        return batch[..., 0] / 255
+
+    out = tmp_path / "submission.csv"
+    paths = predict.find_images(str(images / "*"))
+    with pytest.raises(ValueError, match="device lost"):
+        predict.predict_to_csv(paths, fails_on_second_slide,
+                               dataclasses.replace(options(), batch_size=100), out)
+    assert not list(tmp_path.iterdir())
+
+
+def test_input_errors_name_the_file(fake_run, images, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        predict.find_images(str(tmp_path / "*.tiff"))
+    (tmp_path / "bad.tiff").write_bytes(b"not a tiff")
+    with pytest.raises(ValueError, match="bad.tiff: unreadable TIFF"):
+        predict.check_readable(predict.find_images(str(tmp_path / "*.tiff")))
+    with pytest.raises(FileNotFoundError, match="no fold_K/best checkpoints"):
+        (tmp_path / "config.json").write_text(json.dumps({"backbone": "efficientnetb0"}))
+        predict.load_ensemble(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        predict.load_ensemble(str(images))
+    with pytest.raises(ValueError, match="variables do not fit a Unet-efficientnetb1"):
+        (tmp_path / "b1").mkdir()
+        config = json.loads((fake_run / "config.json").read_text())
+        (tmp_path / "b1" / "config.json").write_text(json.dumps({**config,
+                                                                 "backbone": "efficientnetb1"}))
+        predict.load_ensemble(str(tmp_path / "b1"), checkpoint=str(fake_run / "fold_0"))
+    with pytest.raises(ValueError, match="tile_size"):
+        predict.load_ensemble(str(fake_run), tile_size=48)
+
+
+def test_cli_errors_are_one_line_and_write_nothing(fake_run, tmp_path):
+    out = tmp_path / "submission.csv"
+    done = subprocess.run([sys.executable, "-m", "jaxseg.predict", f"--workdir={fake_run}",
+                           f"--images={tmp_path}/*.tiff", f"--out={out}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: --images '{tmp_path}/*.tiff': no files match"]
+    assert not out.exists()
