@@ -1,9 +1,13 @@
 """A laptop/CPU run: Unet-efficientnetb0 on 128 px tiles, a few epochs."""
-from configs import default
+import runpy
+from pathlib import Path
+
+# By path rather than `import configs.default`, so the file works from any directory.
+default = runpy.run_path(str(Path(__file__).with_name("default.py")))
 
 
 def get_config():
-    config = default.get_config()
+    config = default["get_config"]()
     config.backbone = "efficientnetb0"
     config.image_size = 128
     config.epochs = 10

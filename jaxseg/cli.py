@@ -3,13 +3,68 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 # Keep TensorFlow's start-up chatter off the terminal; users see jaxseg's own lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                FloatingPointError)
+
+
+def fail(message: str) -> NoReturn:
+    """The one line a user reads when a command cannot go on; exit status 1."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _lines(error: BaseException) -> list[str]:
+    """An exception's message as lines: KeyError quotes its argument, and ml_collections
+    wraps a KeyError in an AttributeError."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _unknown_config_field(argv: list[str], error: BaseException) -> str:
+    """Names the `--config.a.b=...` override whose field the error reports missing."""
+    lines = _lines(error)
+    missing = lines[0].strip("'\"") if lines else ""
+    hint = "".join(f"; {line}" for line in lines if line.startswith("Did you mean"))
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=")[0]
+        dotted = name.partition(".")[2]
+        if missing in dotted.split("."):
+            return f"--{name}: the config has no field {dotted!r}{hint}"
+    return f"unknown config field: {' '.join(lines)}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with ml_collections' config errors as one line too.
+
+    An override of a field the config lacks raises AttributeError or KeyError out of the
+    parser, and a config file that cannot be loaded raises OSError at first use, each
+    with a traceback; absl's own flag errors take two lines.
+    """
+    from absl import flags
+
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(str(error))
+    except (AttributeError, KeyError) as error:
+        fail(_unknown_config_field(argv, error))
+    except OSError as error:
+        fail(f"cannot load the config file: {_lines(error)[-1]}")
+    for name in list(flags.FLAGS):
+        try:
+            # ml_collections stands in an object that raises OSError on any attribute
+            # for a config file that failed to load.
+            getattr(flags.FLAGS[name].value, "keys", None)
+        except OSError as error:
+            fail(f"cannot load the config file: {_lines(error)[-1]}")
+    return remaining
 
 
 def run_main(main: Callable[[list[str]], None]) -> None:
@@ -26,8 +81,6 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         try:
             main(argv)
         except USER_ERRORS as error:
-            message = error.args[0] if isinstance(error, KeyError) and error.args else error
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(1)
+            fail(" ".join(_lines(error)))
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)

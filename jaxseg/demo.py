@@ -7,7 +7,6 @@ Each stage is skipped when its output already exists, so an interrupted demo res
 """
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
 import sys
@@ -18,14 +17,13 @@ from absl import flags
 from jaxseg import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
-_EPOCHS = flags.DEFINE_integer("epochs", 12, "Training epochs.")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Training epochs.")
 _FOLDS = flags.DEFINE_string("folds", "0", "Folds to train ('all' for every fold).")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 6, "Synthetic training slides.")
 _NUM_TEST = flags.DEFINE_integer("num_test", 2, "Synthetic test slides.")
 _SLIDE_SIZE = flags.DEFINE_integer("slide_size", 3000, "Synthetic slide side, full-res pixels.")
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "cpu.py"
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.py"
 TILE_SIZE = 512   # full-resolution pixels per tile
 REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
 MODEL_TILE = TILE_SIZE // REDUCTION
@@ -37,10 +35,7 @@ def run_stage(title: str, args: list[str], done: Path) -> None:
     if done.exists():
         print(f"(skipped: {done} exists)")
         return
-    # Config files import `configs.default`: make the repository importable from any cwd.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    completed = subprocess.run([sys.executable, *args], env=env)
+    completed = subprocess.run([sys.executable, *args])
     if completed.returncode != 0:
         raise SystemExit(completed.returncode)
 

@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +41,28 @@ def build_model(config: ml_collections.ConfigDict) -> models.Unet:
                        depthwise_impl=config.depthwise_impl)
 
 
-def initial_variables(model: models.Unet, config: ml_collections.ConfigDict, seed: int) -> dict:
-    """A fresh model for each fold, as the recipe rebuilds it: converted weights when
-    `init_from` names them, else random initialisation (parameter shapes do not depend
-    on the input size, so a small input keeps this cheap)."""
-    if config.init_from:
-        from jaxseg import convert
-        variables, meta = convert.load_converted(config.init_from)
-        if meta.get("backbone") != config.backbone:
-            raise ValueError(f"config.init_from: {config.init_from} holds {meta.get('backbone')} "
-                             f"weights, config.backbone is {config.backbone}")
-        if meta.get("normalize_input", False) != config.normalize_input:
-            raise ValueError(f"config.normalize_input: the weights in {config.init_from} expect "
-                             f"normalize_input={meta.get('normalize_input', False)}")
-        return variables
+def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
+    """The converted weights `init_from` names, checked against the config before the run
+    writes anything; None when the model starts from random weights."""
+    if not config.init_from:
+        return None
+    from jaxseg import convert
+    variables, meta = convert.load_converted(config.init_from)
+    if meta.get("backbone") != config.backbone:
+        raise ValueError(f"config.init_from: {config.init_from} holds {meta.get('backbone')} "
+                         f"weights, config.backbone is {config.backbone}")
+    if meta.get("normalize_input", False) != config.normalize_input:
+        raise ValueError(f"config.normalize_input: the weights in {config.init_from} expect "
+                         f"normalize_input={meta.get('normalize_input', False)}")
+    return variables
+
+
+def initial_variables(model: models.Unet, seed: int, init_weights: dict | None) -> dict:
+    """A fresh model for each fold, as the recipe rebuilds it: the converted weights when
+    given, else random initialisation (parameter shapes do not depend on the input size,
+    so a small input keeps this cheap)."""
+    if init_weights is not None:
+        return init_weights
     # The counter-based 'unsafe_rbg' generator compiles the initialisers ~3x faster on CPU
     # than the default threefry; initial weights need no cryptographic-quality bits.
     init = jax.jit(functools.partial(model.init, train=False))
@@ -90,19 +98,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
     if config.num_folds < 2:
         raise ValueError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
+    if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
+        raise ValueError(f"config.plateau_factor must be in (0, 1), got {config.plateau_factor}")
 
 
-def record_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Writes `config.json`; a workdir of an earlier run must hold the same settings."""
+def check_record_files(files: list[str], image_size: int) -> None:
+    """Reads the first record of every file before anything is compiled or written, so
+    that records of another tile size, an empty file or one that is not a TFRecord stop
+    the run at once, naming the file. Damage further into a file (a truncated copy)
+    surfaces when training reads it, and `data` names the file then too."""
+    for path in files:
+        if next(data.validation_batches([path], image_size=image_size, batch_size=1),
+                None) is None:
+            raise ValueError(f"{path}: holds no records")
+
+
+def holds_progress(workdir: Path) -> bool:
+    """Whether an earlier attempt finished a fold or saved a fold's state."""
+    return any((fold_dir / "result.json").exists() or checkpoints.has_latest(fold_dir)
+               for fold_dir in workdir.glob("fold_*"))
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """A workdir holding an earlier run's progress must have been made with the same
+    settings; one that an attempt left before its first checkpoint (killed while
+    compiling, say) is taken over."""
     path = workdir / "config.json"
-    current = json.loads(config.to_json_best_effort())
-    if path.exists():
-        previous = json.loads(path.read_text())
-        for key in sorted(set(previous) | set(current)):
-            if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
-                raise ValueError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
-                                 f"this one has {current.get(key)!r}; use another --workdir")
-    reporting.write_json(path, current)
+    if not (path.exists() and holds_progress(workdir)):
+        return
+    previous, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+    for key in sorted(set(previous) | set(current)):
+        if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
+            raise ValueError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
+                             f"this one has {current.get(key)!r}; use another --workdir")
 
 
 class CompiledSteps:
@@ -115,6 +143,9 @@ class CompiledSteps:
         self.eval = parallel.data_parallel(
             functools.partial(steps.eval_step, model=model, loss_name=config.loss),
             mesh, num_args=2, batch_args=(1,))
+        # One program instead of an eagerly dispatched (and compiled) op per parameter
+        # shape for Adam's zero moments: seconds per process on CPU.
+        self.create_state = jax.jit(functools.partial(steps.create_train_state, tx=self.tx))
 
     def train(self, freeze_encoder: bool) -> Callable:
         if freeze_encoder not in self._train:
@@ -133,43 +164,52 @@ class FoldData:
     steps_per_epoch: int
     val_batches: int
     num_train_examples: int
+    num_val_examples: int
 
 
-def _finite_or_raise(metrics: dict, where: str, fold_dir: Path) -> dict:
-    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"{where}: loss is {values['loss']}; stopped, the last good "
-                                 f"checkpoint stays in {fold_dir / 'latest'}")
-    return values
+def last_good_checkpoint(epochs_done: int, fold_dir: Path) -> str:
+    if epochs_done == 0:
+        return "no epoch of this fold had finished, so nothing was saved"
+    return f"the checkpoint of epoch {epochs_done} stays in {fold_dir / 'latest'}"
+
+
+def raise_if_not_finite(values: dict[str, float], name: str, where: str,
+                        last_good: str) -> None:
+    """A diverged run stops before its state reaches a checkpoint: the latest checkpoint
+    is saved after validation, which a non-finite loss never passes."""
+    if not math.isfinite(values[name]):
+        raise FloatingPointError(f"{where}: {name} is {values[name]}; stopped, {last_good}")
 
 
 def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
-                fold_data: FoldData, epoch: int, epochs: int, mesh, fold_dir: Path
+                fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str
                 ) -> tuple[steps.TrainState, dict[str, float]]:
     """Runs one epoch; metrics come back one step late so the host never stalls the devices."""
     totals = {"loss": 0.0, "dice_coe": 0.0, "accuracy": 0.0}
     learning_rate = np.float32(lr)
-    bar = tqdm(total=fold_data.steps_per_epoch, unit="step", leave=False, dynamic_ncols=True,
-               desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
-               disable=jax.process_index() != 0)
     pending = None
+    # The bar is cleared however the epoch ends, so an error line starts a line of its own.
+    with tqdm(total=fold_data.steps_per_epoch, unit="step", leave=False, dynamic_ncols=True,
+              desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
+              disable=jax.process_index() != 0) as bar:
 
-    def consume(step: int, metrics: dict) -> None:
-        where = f"fold {fold_data.fold}, epoch {epoch + 1}, step {step + 1}"
-        for name, value in _finite_or_raise(metrics, where, fold_dir).items():
-            totals[name] += value
-        bar.update(1)
-        bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
-                        dice_coe=f"{totals['dice_coe'] / (step + 1):.4f}")
+        def consume(step: int, metrics: dict) -> None:
+            values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+            raise_if_not_finite(values, "loss", f"fold {fold_data.fold}, epoch {epoch + 1}, "
+                                f"step {step + 1}", last_good)
+            for name, value in values.items():
+                totals[name] += value
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
+                            dice_coe=f"{totals['dice_coe'] / (step + 1):.4f}")
 
-    for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
-        state, metrics = step_fn(state, batch, learning_rate)
+        for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
+            state, metrics = step_fn(state, batch, learning_rate)
+            if pending is not None:
+                consume(*pending)
+            pending = (step, metrics)
         if pending is not None:
             consume(*pending)
-        pending = (step, metrics)
-    if pending is not None:
-        consume(*pending)
-    bar.close()
     count = max(fold_data.steps_per_epoch, 1)
     return state, {name: total / count for name, total in totals.items()}
 
@@ -198,7 +238,8 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
 
 
 def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: FoldData,
-               model: models.Unet, compiled: CompiledSteps, mesh) -> dict:
+               model: models.Unet, compiled: CompiledSteps, mesh,
+               init_weights: dict | None) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
     is_main = jax.process_index() == 0
     fold_started = time.time()
@@ -209,8 +250,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: Fold
 
     # Phase 1: a fresh model, or the state the previous attempt left.
     fold_seed = config.seed + 1000 * fold
-    variables = initial_variables(model, config, fold_seed)
-    state = parallel.replicate(steps.create_train_state(variables, compiled.tx, fold_seed), mesh)
+    host_state = jax.device_get(compiled.create_state(
+        initial_variables(model, fold_seed, init_weights), seed=fold_seed))
     plateau = ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
                                 min_lr=config.min_learning_rate,
                                 min_delta=config.plateau_min_delta)
@@ -219,71 +260,85 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: Fold
     lr, start_epoch, stopped, elapsed_before = config.learning_rate, 0, False, 0.0
     num_val_examples = 0
     ckpt = checkpoints.FoldCheckpoints(fold_dir)
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(host_state)
     if restored is not None:
-        state, host = restored
-        history, lr, start_epoch = host["history"], host["lr"], host["epochs_done"]
-        stopped, elapsed_before = host["stopped"], host["elapsed_s"]
-        num_val_examples = host["num_val_examples"]
-        plateau.load_state_dict(host["plateau"])
-        early_stopping.load_state_dict(host["early_stopping"])
+        host_state, loop = restored
+        history, lr, start_epoch = loop["history"], loop["lr"], loop["epochs_done"]
+        stopped, elapsed_before = loop["stopped"], loop["elapsed_s"]
+        num_val_examples = loop["num_val_examples"]
+        plateau.load_state_dict(loop["plateau"])
+        early_stopping.load_state_dict(loop["early_stopping"])
         print(f"fold {fold}: resuming after epoch {start_epoch} (lr {lr:g}, best val_dice_coe "
               f"{early_stopping.best:.4f})")
+    state = parallel.replicate(host_state, mesh)
     scalars = reporting.ScalarLog(fold_dir / "tensorboard") if is_main else None
 
-    # Phase 2: epochs.
+    # Phase 2: epochs. Checkpoints in flight are finished even when an epoch fails, so
+    # the last good state is on disk before the error reaches the user.
     host_batch = parallel.host_batch_size(config.per_device_batch_size)
-    for epoch in range(start_epoch, config.epochs):
-        if stopped:
-            break
-        epoch_started = time.time()
-        batches = data.train_batches(
-            fold_data.train_files, image_size=config.image_size, batch_size=host_batch,
-            steps=fold_data.steps_per_epoch, seed=fold_seed, epoch=epoch,
-            augment_config=config.augment, shuffle_buffer=config.shuffle_buffer,
-            deterministic=config.deterministic, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
-        state, train_metrics = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
-                                           config.epochs, mesh, fold_dir)
-        val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
-            fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            num_batches=fold_data.val_batches), mesh)
-        num_val_examples = val_metrics["num_val_examples"]
-        logs = {"epoch": epoch + 1, **train_metrics,
-                **{k: v for k, v in val_metrics.items() if k != "num_val_examples"}, "lr": lr}
-        for key in HISTORY_KEYS:
-            history[key].append(logs[key])
-        next_lr = plateau.update(logs["val_loss"], lr)
-        improved, stopped = early_stopping.update(epoch, logs["val_dice_coe"])
-        if improved:
-            ckpt.save_best(epoch, state.variables, {
-                "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
-                "val_per_image_dice": logs["val_per_image_dice"],
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if stopped:
+                break
+            epoch_started = time.time()
+            last_good = last_good_checkpoint(epoch, fold_dir)
+            batches = data.train_batches(
+                fold_data.train_files, image_size=config.image_size, batch_size=host_batch,
+                steps=fold_data.steps_per_epoch, seed=fold_seed, epoch=epoch,
+                augment_config=config.augment, shuffle_buffer=config.shuffle_buffer,
+                deterministic=config.deterministic, process_index=jax.process_index(),
+                process_count=jax.process_count())
+            step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
+            state, train_metrics = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
+                                               config.epochs, mesh, last_good)
+            val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
+                fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                num_batches=fold_data.val_batches), mesh)
+            raise_if_not_finite(val_metrics, "val_loss",
+                                f"fold {fold}, epoch {epoch + 1}, validation", last_good)
+            num_val_examples = val_metrics["num_val_examples"]
+            if num_val_examples != fold_data.num_val_examples:
+                # TFRecord files cut at a record boundary read cleanly, only shorter.
+                raise ValueError(f"{', '.join(fold_data.val_files)}: {num_val_examples} "
+                                 f"examples read, the file names promise "
+                                 f"{fold_data.num_val_examples}; is a file truncated?")
+            logs = {"epoch": epoch + 1, **train_metrics,
+                    **{k: v for k, v in val_metrics.items() if k != "num_val_examples"},
+                    "lr": lr}
+            for key in HISTORY_KEYS:
+                history[key].append(logs[key])
+            next_lr = plateau.update(logs["val_loss"], lr)
+            improved, stopped = early_stopping.update(epoch, logs["val_dice_coe"])
+            if improved:
+                ckpt.save_best(epoch, state.variables, {
+                    "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
+                    "val_per_image_dice": logs["val_per_image_dice"],
+                    "num_val_examples": num_val_examples})
+            print(f"fold {fold} epoch {epoch + 1}/{config.epochs} "
+                  f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
+                  f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
+                  f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
+                  f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
+                  + (" *best*" if improved else "")
+                  + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""), flush=True)
+            if scalars is not None:
+                scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
+            lr = next_lr
+            ckpt.save_latest(epoch + 1, state, {
+                "epochs_done": epoch + 1, "history": history, "lr": lr, "stopped": stopped,
+                "elapsed_s": elapsed_before + time.time() - fold_started,
+                "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
                 "num_val_examples": num_val_examples})
-        print(f"fold {fold} epoch {epoch + 1}/{config.epochs} "
-              f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
-              f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
-              f"{logs['val_dice_coe']:.4f} - val_per_image_dice {logs['val_per_image_dice']:.4f}"
-              f" - lr {lr:.3g}" + (" *best*" if improved else "")
-              + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""), flush=True)
+            if stopped:
+                print(f"fold {fold}: early stopping after epoch {epoch + 1}; best epoch "
+                      f"{early_stopping.best_epoch + 1}")
+    finally:
+        ckpt.close()
         if scalars is not None:
-            scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
-        lr = next_lr
-        ckpt.save_latest(epoch + 1, state, {
-            "epochs_done": epoch + 1, "history": history, "lr": lr, "stopped": stopped,
-            "elapsed_s": elapsed_before + time.time() - fold_started,
-            "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
-            "num_val_examples": num_val_examples})
-        if stopped:
-            print(f"fold {fold}: early stopping after epoch {epoch + 1}; best epoch "
-                  f"{early_stopping.best_epoch + 1}")
+            scalars.close()
 
     # Phase 3: the best epoch is the fold's model (EarlyStopping restore_best_weights).
-    ckpt.close()
-    if scalars is not None:
-        scalars.close()
     best = early_stopping.best_epoch
     result = {
         "fold": fold, "best_epoch": best + 1,
@@ -315,31 +370,17 @@ def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[st
                          f"batch of {global_batch}; lower config.per_device_batch_size")
     val_batches = data.num_validation_batches(
         val_files, parallel.host_batch_size(config.per_device_batch_size), jax.process_count())
-    return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train)
+    num_val = sum(data.count_examples(path) for path in val_files)
+    return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train,
+                    num_val)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Trains the chosen folds into `workdir` and returns (and writes) `summary.json`."""
-    started = time.time()
-    workdir = Path(workdir)
-    validate_config(config)
-    files = data.list_record_files(config.data_dir)
-    splits = data.kfold_splits(files, config.num_folds, config.seed)
-    folds = parse_folds(config.folds, config.num_folds)
-    plans = [fold_plan(config, fold, *splits[fold]) for fold in folds]
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record_config(config, workdir)
-        prepare_record = Path(config.data_dir) / "prepare.json"
-        if prepare_record.exists():
-            shutil.copyfile(prepare_record, workdir / "prepare.json")
+def train_folds(config: ml_collections.ConfigDict, workdir: Path, plans: list[FoldData],
+                init_weights: dict | None) -> dict[int, dict]:
+    """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
     model = build_model(config)
     compiled = CompiledSteps(model, config, mesh)
-    print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
-          f"({jax.devices()[0].platform}), global batch "
-          f"{config.per_device_batch_size * jax.device_count()}", flush=True)
-
     results = {}
     for plan in plans:
         result_path = workdir / f"fold_{plan.fold}" / "result.json"
@@ -351,7 +392,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         print(f"fold {plan.fold}: {len(plan.train_files)} training files "
               f"({plan.num_train_examples} images, {plan.steps_per_epoch} steps/epoch), "
               f"{len(plan.val_files)} validation files", flush=True)
-        results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh)
+        results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh,
+                                        init_weights)
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Trains the chosen folds into `workdir` and returns (and writes) `summary.json`.
+
+    Everything that can be checked without training (config, record files, folds,
+    `init_from`) is checked before the workdir is touched. A workdir this call created
+    is removed again if the run fails before any fold saved a checkpoint, so a failed
+    first attempt leaves nothing behind that a corrected rerun would trip over.
+    """
+    started = time.time()
+    workdir = Path(workdir)
+    validate_config(config)
+    check_workdir_config(config, workdir)
+    files = data.list_record_files(config.data_dir)
+    splits = data.kfold_splits(files, config.num_folds, config.seed)
+    folds = parse_folds(config.folds, config.num_folds)
+    plans = [fold_plan(config, fold, *splits[fold]) for fold in folds]
+    check_record_files(files, config.image_size)
+    init_weights = load_init_weights(config)
+    is_main = jax.process_index() == 0
+    created = not workdir.exists()
+    try:
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            reporting.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+            prepare_record = Path(config.data_dir) / "prepare.json"
+            if prepare_record.exists():
+                shutil.copyfile(prepare_record, workdir / "prepare.json")
+        print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
+              f"({jax.devices()[0].platform}), global batch "
+              f"{config.per_device_batch_size * jax.device_count()}", flush=True)
+        results = train_folds(config, workdir, plans, init_weights)
+    except BaseException:
+        if is_main and created and not holds_progress(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
     summary = {
         "folds": {str(fold): {key: value for key, value in result.items()
