@@ -17,7 +17,7 @@ from absl import flags
 from jaxseg import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
-_EPOCHS = flags.DEFINE_integer("epochs", 10, "Training epochs.")
+_EPOCHS = flags.DEFINE_integer("epochs", 12, "Training epochs.")
 _FOLDS = flags.DEFINE_string("folds", "0", "Folds to train ('all' for every fold).")
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 6, "Synthetic training slides.")
 _NUM_TEST = flags.DEFINE_integer("num_test", 2, "Synthetic test slides.")
