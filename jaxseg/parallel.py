@@ -57,7 +57,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each host's share into one batch sharded over all devices."""
     sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-    local_devices = jax.local_device_count()
+    local_devices = len(mesh.local_devices)
     for name, value in local_batch.items():
         if value.shape[0] % local_devices:
             raise ValueError(f"batch field {name!r}: {value.shape[0]} examples do not split "
