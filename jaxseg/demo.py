@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     run_stage("K-fold training, Unet-efficientnetb0 (configs/cpu.py)", [
         "-m", "jaxseg.train", f"--config={CONFIG}", f"--workdir={run}",
         f"--config.data_dir={tiles}", f"--config.image_size={MODEL_TILE}",
-        f"--config.num_folds=3", f"--config.folds={_FOLDS.value}",
+        "--config.num_folds=3", f"--config.folds={_FOLDS.value}",
         f"--config.epochs={_EPOCHS.value}"], run / "summary.json")
     run_stage("whole-slide prediction of the test slides", [
         "-m", "jaxseg.predict", f"--workdir={run}", f"--images={slides / 'test' / '*.tiff'}",

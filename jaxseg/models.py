@@ -8,9 +8,10 @@ variables have two top-level keys, 'encoder' (which training can freeze by name)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,10 @@ from jax import lax
 
 BACKBONES = tuple(f"efficientnetb{i}" for i in range(8))
 DEPTHWISE_IMPLS = ("auto", "native", "shifted")
+CONV_IMPLS = ("auto", "native", "matmul")
+UPSAMPLE_IMPLS = ("auto", "native", "folded")
+# Unet fields that choose how a layer is computed, never what it computes.
+IMPL_FIELDS = ("depthwise_impl", "conv_impl", "upsample_impl")
 SKIP_FEATURES = ("block6a_expand_activation", "block4a_expand_activation",
                  "block3a_expand_activation", "block2a_expand_activation")
 TOP_FEATURE = "top_activation"
@@ -115,15 +120,32 @@ def block_args(backbone: str, drop_connect_rate: float = 0.2) -> list[BlockArgs]
     return blocks
 
 
+def _resolve_impl(field: str, impl: str, choices: tuple[str, ...], on_cpu: str) -> str:
+    if impl not in choices:
+        raise ValueError(f"{field} {impl!r} is not one of {', '.join(choices)}")
+    if impl == "auto":
+        return on_cpu if jax.default_backend() == "cpu" else "native"
+    return impl
+
+
 def resolve_depthwise_impl(impl: str) -> str:
     """'auto' picks what is fast where it runs: XLA:CPU's grouped convolution (and even
     more its gradient) is several times slower than shifted multiply-adds, while on
     TPU/GPU the native grouped convolution is the fast one."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise_impl {impl!r} is not one of {', '.join(DEPTHWISE_IMPLS)}")
-    if impl == "auto":
-        return "shifted" if jax.default_backend() == "cpu" else "native"
-    return impl
+    return _resolve_impl("depthwise_impl", impl, DEPTHWISE_IMPLS, "shifted")
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """'auto' is 'matmul' on CPU: XLA:CPU computes the kernel gradient of a 1x1
+    convolution as a convolution over the whole image, up to 15x slower than the
+    dot_general it is; TPU/GPU convolutions need no help."""
+    return _resolve_impl("conv_impl", impl, CONV_IMPLS, "matmul")
+
+
+def resolve_upsample_impl(impl: str) -> str:
+    """'auto' is 'folded' on CPU, where convolutions are compute-bound and folding saves
+    5/9 of the upsampled part's FLOPs; accelerators keep the one large convolution."""
+    return _resolve_impl("upsample_impl", impl, UPSAMPLE_IMPLS, "folded")
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, int]]:
@@ -133,24 +155,92 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, 
     return out, (total // 2, total - total // 2)
 
 
-def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """'SAME' depthwise convolution of NHWC `x` with a (kh, kw, C) kernel, as kh*kw
-    strided slices of the padded input times per-channel weights. Products are summed in
-    float32 so that bfloat16 compute loses no more than the native convolution does."""
-    kernel_h, kernel_w, _ = kernel.shape
+_SUM_BLOCK_ROWS = 8
+
+
+def _depthwise_windows(x: jax.Array, kernel_h: int, kernel_w: int,
+                       stride: int) -> list[jax.Array]:
+    """The kh*kw strided views of 'SAME'-padded NHWC `x` that meet each kernel tap,
+    row-major over the taps."""
     batch, height, width, channels = x.shape
     out_h, pad_h = _same_padding(height, kernel_h, stride)
     out_w, pad_w = _same_padding(width, kernel_w, stride)
     padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-    total = jnp.zeros((batch, out_h, out_w, channels), jnp.float32)
-    for i in range(kernel_h):
-        for j in range(kernel_w):
-            window = lax.slice(padded, (0, i, j, 0),
-                               (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
-                                channels),
-                               (1, stride, stride, 1))
-            total = total + window.astype(jnp.float32) * kernel[i, j].astype(jnp.float32)
+    return [lax.slice(padded, (0, i, j, 0),
+                      (batch, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
+                       channels),
+                      (1, stride, stride, 1))
+            for i in range(kernel_h) for j in range(kernel_w)]
+
+
+def _shifted_depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    kernel_h, kernel_w, _ = kernel.shape
+    windows = _depthwise_windows(x, kernel_h, kernel_w, stride)
+    taps = kernel.reshape(kernel_h * kernel_w, -1).astype(jnp.float32)
+    total = windows[0].astype(jnp.float32) * taps[0]
+    for window, tap in zip(windows[1:], taps[1:]):
+        total = total + window.astype(jnp.float32) * tap
     return total.astype(x.dtype)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map mesh axes along which `x` differs between devices."""
+    return jax.typeof(x).manual_axis_type.varying
+
+
+def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """'SAME' depthwise convolution of NHWC `x` with a (kh, kw, C) kernel, as kh*kw
+    strided slices of the padded input times per-channel weights. Products are summed in
+    float32 so that bfloat16 compute loses no more than the native convolution does.
+
+    The kernel gradient is one variadic reduction of all kh*kw window-times-gradient
+    products: derived automatically, it is kh*kw separate reductions that XLA:CPU hands
+    to a library after copying every window out, several times slower.
+    """
+    # Under shard_map a kernel replicated over the devices meets per-device images; made
+    # per-device here, its hand-written gradient has the type of its input, and autodiff
+    # sums that gradient over the devices as it does for any replicated parameter.
+    per_device_axes = tuple(sorted(_varying_axes(x) - _varying_axes(kernel)))
+    if per_device_axes:
+        kernel = lax.pcast(kernel, per_device_axes, to="varying")
+    return _shifted_depthwise(x, kernel, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return _shifted_depthwise_forward(x, kernel, stride)
+
+
+def _shifted_depthwise_fwd(x: jax.Array, kernel: jax.Array,
+                           stride: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _shifted_depthwise_forward(x, kernel, stride), (x, kernel)
+
+
+def _shifted_depthwise_bwd(stride: int, residuals: tuple[jax.Array, jax.Array],
+                           grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    kernel_h, kernel_w, _ = kernel.shape
+    grad_x, = jax.linear_transpose(
+        functools.partial(_shifted_depthwise_forward, kernel=kernel, stride=stride), x)(grad)
+    grad_kernel = _window_grad_sums(_depthwise_windows(x, kernel_h, kernel_w, stride), grad)
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _window_grad_sums(windows: list[jax.Array], grad: jax.Array) -> jax.Array:
+    """(len(windows), C) float32 sums over N, H, W of each window times `grad`, in one
+    pass over the data: one variadic reduction, within blocks of rows first (XLA:CPU
+    runs a reduction straight to C values on one thread), then over the blocks."""
+    batch, height, width, channels = grad.shape
+    rows = math.gcd(height, _SUM_BLOCK_ROWS)
+    grad32 = grad.astype(jnp.float32)
+    products = [(window.astype(jnp.float32) * grad32).reshape(-1, rows, width, channels)
+                for window in windows]
+    block_sums = lax.reduce(products, [np.float32(0)] * len(products),
+                            lambda totals, terms: [a + b for a, b in zip(totals, terms)], (1, 2))
+    return jnp.stack(block_sums).sum(axis=1)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 class DepthwiseConv(nn.Module):
@@ -182,19 +272,79 @@ def _batch_norm(name: str, axis_name: str | None, dtype: Any) -> nn.BatchNorm:
                         name=name)
 
 
+def pointwise_conv_as_matmul(x: jax.Array, kernel: jax.Array, window_strides, padding,
+                             **conv_options) -> jax.Array:
+    """A drop-in for lax.conv_general_dilated (as nn.Conv calls it, NHWC/HWIO) for
+    1x1 kernels at stride 1: one matrix product of the pixels (as rows) and the kernel.
+    Its gradients are matrix products too; the rows are flattened first because XLA:CPU
+    runs the kernel gradient of the 4-D form several times slower."""
+    if kernel.shape[:2] != (1, 1) or tuple(window_strides) != (1, 1):
+        raise ValueError(f"pointwise_conv_as_matmul needs a 1x1 kernel at stride 1, got kernel "
+                         f"{kernel.shape} and strides {tuple(window_strides)}")
+    rows = lax.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0],
+                   precision=conv_options.get("precision"))
+    return rows.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 def _conv(features: int, kernel_size: int, name: str, dtype: Any, *, stride: int = 1,
-          use_bias: bool = False, kernel_init=_ENCODER_INIT) -> nn.Conv:
+          use_bias: bool = False, kernel_init=_ENCODER_INIT, impl: str = "native") -> nn.Conv:
+    as_matmul = kernel_size == 1 and stride == 1 and resolve_conv_impl(impl) == "matmul"
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding="SAME", use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=kernel_init, name=name)
+                   kernel_init=kernel_init, name=name,
+                   conv_general_dilated=pointwise_conv_as_matmul if as_matmul else None)
 
 
-def _squeeze_excite(x: jax.Array, reduced: int, prefix: str, dtype: Any) -> jax.Array:
+def _squeeze_excite(x: jax.Array, reduced: int, prefix: str, dtype: Any, impl: str) -> jax.Array:
     """Per-channel gates from the global mean (sized by the block's input filters)."""
     gates = jnp.mean(x, axis=(1, 2), keepdims=True)
-    gates = nn.swish(_conv(reduced, 1, prefix + "se_reduce", dtype, use_bias=True)(gates))
-    gates = nn.sigmoid(_conv(x.shape[-1], 1, prefix + "se_expand", dtype, use_bias=True)(gates))
+    gates = nn.swish(_conv(reduced, 1, prefix + "se_reduce", dtype, use_bias=True,
+                           impl=impl)(gates))
+    gates = nn.sigmoid(_conv(x.shape[-1], 1, prefix + "se_expand", dtype, use_bias=True,
+                             impl=impl)(gates))
     return x * gates
+
+
+def _save_products_and_statistics(primitive, *args, **params) -> bool:
+    """The rematerialisation policy: keep what convolutions and matrix products compute,
+    and the (per-channel) BatchNorm statistics; recompute the elementwise work between."""
+    return primitive.name in ("dot_general", "conv_general_dilated", "reduce_sum", "psum",
+                              "psum_invariant")
+
+
+def _rematerialized(fn: Callable, enabled: bool) -> Callable:
+    return nn.remat(fn, policy=_save_products_and_statistics) if enabled else fn
+
+
+def _mbconv(encoder: "EfficientNet", x: jax.Array, block: BlockArgs, train: bool,
+            use_running_average: bool) -> tuple[jax.Array, jax.Array | None]:
+    """One MBConv block; returns its output and its expand activation (None without)."""
+    prefix = block.name + "_"
+
+    def batch_norm(name: str, y: jax.Array) -> jax.Array:
+        return _batch_norm(prefix + name, encoder.bn_axis_name, encoder.dtype)(
+            y, use_running_average)
+
+    inputs = x
+    expanded = None
+    if block.expand_ratio != 1:
+        x = _conv(block.input_filters * block.expand_ratio, 1, prefix + "expand_conv",
+                  encoder.dtype, impl=encoder.conv_impl)(x)
+        x = expanded = nn.swish(batch_norm("expand_bn", x))
+    x = DepthwiseConv(block.kernel_size, block.stride, encoder.depthwise_impl, encoder.dtype,
+                      name=prefix + "dwconv")(x)
+    x = nn.swish(batch_norm("bn", x))
+    x = _squeeze_excite(x, max(1, int(block.input_filters * _SE_RATIO)), prefix, encoder.dtype,
+                        encoder.conv_impl)
+    x = _conv(block.output_filters, 1, prefix + "project_conv", encoder.dtype,
+              impl=encoder.conv_impl)(x)
+    x = batch_norm("project_bn", x)
+    if block.has_residual:
+        if block.drop_rate > 0:
+            x = nn.Dropout(block.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
+                           name=prefix + "drop")(x)
+        x = x + inputs
+    return x, expanded
 
 
 class EfficientNet(nn.Module):
@@ -205,10 +355,13 @@ class EfficientNet(nn.Module):
     bn_axis_name: str | None = None
     drop_connect_rate: float = 0.2
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
+    remat: bool = True
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
         resolve_depthwise_impl(self.depthwise_impl)
+        resolve_conv_impl(self.conv_impl)
         super().__post_init__()
 
     @nn.compact
@@ -225,25 +378,14 @@ class EfficientNet(nn.Module):
         x = _conv(round_filters(_STEM_FILTERS, width), 3, "stem_conv", self.dtype, stride=2)(x)
         x = nn.swish(batch_norm("stem_bn", x))
         for block in block_args(self.backbone, self.drop_connect_rate):
-            prefix = block.name + "_"
-            inputs = x
-            filters = block.input_filters * block.expand_ratio
-            if block.expand_ratio != 1:
-                x = _conv(filters, 1, prefix + "expand_conv", self.dtype)(x)
-                x = nn.swish(batch_norm(prefix + "expand_bn", x))
-                features[prefix + "expand_activation"] = x
-            x = DepthwiseConv(block.kernel_size, block.stride, self.depthwise_impl, self.dtype,
-                              name=prefix + "dwconv")(x)
-            x = nn.swish(batch_norm(prefix + "bn", x))
-            x = _squeeze_excite(x, max(1, int(block.input_filters * _SE_RATIO)), prefix, self.dtype)
-            x = _conv(block.output_filters, 1, prefix + "project_conv", self.dtype)(x)
-            x = batch_norm(prefix + "project_bn", x)
-            if block.has_residual:
-                if block.drop_rate > 0:
-                    x = nn.Dropout(block.drop_rate, broadcast_dims=(1, 2, 3),
-                                   deterministic=not train, name=prefix + "drop")(x)
-                x = x + inputs
-        x = _conv(round_filters(_TOP_FILTERS, width), 1, "top_conv", self.dtype)(x)
+            mbconv = _rematerialized(functools.partial(
+                _mbconv, block=block, train=train, use_running_average=use_running_average),
+                self.remat)
+            x, expanded = mbconv(self, x)
+            if expanded is not None:
+                features[block.name + "_expand_activation"] = expanded
+        x = _conv(round_filters(_TOP_FILTERS, width), 1, "top_conv", self.dtype,
+                  impl=self.conv_impl)(x)
         features[TOP_FEATURE] = nn.swish(batch_norm("top_bn", x))
         return {name: features[name] for name in SKIP_FEATURES + (TOP_FEATURE,)}
 
@@ -271,6 +413,68 @@ def _upsample_nearest_x2(x: jax.Array) -> jax.Array:
     return x.reshape(batch, 2 * height, 2 * width, channels)
 
 
+def _conv_same(x: jax.Array, kernel: jax.Array, padding: Any = "SAME") -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Output row 2i+a of a 3x3 'SAME' convolution of a nearest-2x-upsampled map reads
+# upsampled rows 2i+a-1..2i+a+1, which are low-resolution rows (i-1, i, i) for a=0 and
+# (i, i, i+1) for a=1: phase a reads two low-resolution rows, from a map padded by
+# _FOLD_PADDING[a], with the kernel rows _fold_taps sums. Columns likewise.
+_FOLD_PADDING = ((1, 0), (0, 1))
+
+
+def _fold_taps(kernel: jax.Array, phase: int, axis: int) -> jax.Array:
+    first, middle, last = (lax.index_in_dim(kernel, tap, axis) for tap in range(3))
+    pair = (first, middle + last) if phase == 0 else (first + middle, last)
+    return jnp.concatenate(pair, axis=axis)
+
+
+def folded_upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 'SAME' convolution of nearest-2x-upsampled NHWC `x`, computed as one 2x2
+    convolution of `x` per output phase (kernel taps summed in `kernel`'s dtype, then
+    cast to `x`'s), interleaved: 4 instead of 9 multiply-adds per output pixel and input
+    channel, and no upsampled copy of `x`."""
+    batch, height, width, _ = x.shape
+    phases = [[_conv_same(x, _fold_taps(_fold_taps(kernel, row, 0), col, 1).astype(x.dtype),
+                          (_FOLD_PADDING[row], _FOLD_PADDING[col]))
+               for col in range(2)] for row in range(2)]
+    interleaved = jnp.stack([jnp.stack(row_phases, axis=3) for row_phases in phases], axis=2)
+    return interleaved.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+
+
+class UpsampleConcatConv(nn.Module):
+    """The entry of a segmentation_models decoder stage: nearest 2x upsampling,
+    concatenation with the skip features, 3x3 'SAME' convolution without bias. It holds
+    the kernel of that one convolution (upsampled channels first), as nn.Conv would, so
+    weights convert and checkpoints load whichever `impl` computes it; 'folded' splits
+    the kernel into the upsampled part (folded_upsample_conv) and the skip part."""
+    features: int
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skip: jax.Array | None) -> jax.Array:
+        channels = x.shape[-1]
+        in_features = channels + (0 if skip is None else skip.shape[-1])
+        kernel = self.param("kernel", _DECODER_INIT, (3, 3, in_features, self.features),
+                            jnp.float32)
+        if resolve_upsample_impl(self.impl) == "native":
+            x = _upsample_nearest_x2(x)
+            if skip is not None:
+                x = jnp.concatenate([x, skip], axis=-1)
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return _conv_same(x, kernel)
+        x, = nn.dtypes.promote_dtype(x, dtype=self.dtype)
+        y = folded_upsample_conv(x, kernel[:, :, :channels])
+        if skip is not None:
+            skip, skip_kernel = nn.dtypes.promote_dtype(skip, kernel[:, :, channels:],
+                                                        dtype=self.dtype)
+            y = y + _conv_same(skip, skip_kernel)
+        return y
+
+
 class UnetDecoder(nn.Module):
     """segmentation_models' Unet decoder (decoder_block_type='upsampling', batchnorm on)
     and head, on the features of `EfficientNet`; returns logits in the compute dtype."""
@@ -278,9 +482,12 @@ class UnetDecoder(nn.Module):
     classes: int = 1
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    upsample_impl: str = "auto"
+    remat: bool = True
 
     def __post_init__(self) -> None:
         check_decoder_filters(self.decoder_filters)
+        resolve_upsample_impl(self.upsample_impl)
         super().__post_init__()
 
     @nn.compact
@@ -288,16 +495,20 @@ class UnetDecoder(nn.Module):
         x = features[TOP_FEATURE]
         skips = [features[name] for name in SKIP_FEATURES] + [None]
         for stage, (filters, skip) in enumerate(zip(self.decoder_filters, skips)):
-            x = _upsample_nearest_x2(x)
-            if skip is not None:
-                x = jnp.concatenate([x, skip], axis=-1)
-            for part in "ab":
-                name = f"decoder_stage{stage}{part}"
-                x = _conv(filters, 3, name + "_conv", self.dtype, kernel_init=_DECODER_INIT)(x)
-                x = _batch_norm(name + "_bn", self.bn_axis_name, self.dtype)(x, not train)
-                x = nn.relu(x)
+            x = _rematerialized(functools.partial(
+                _decoder_stage, name=f"decoder_stage{stage}", filters=filters, train=train),
+                self.remat)(self, x, skip)
         return _conv(self.classes, 3, "final_conv", self.dtype, use_bias=True,
                      kernel_init=_HEAD_INIT)(x)
+
+
+def _decoder_stage(decoder: UnetDecoder, x: jax.Array, skip: jax.Array | None, name: str,
+                   filters: int, train: bool) -> jax.Array:
+    x = UpsampleConcatConv(filters, decoder.upsample_impl, decoder.dtype,
+                           name=name + "a_conv")(x, skip)
+    x = nn.relu(_batch_norm(name + "a_bn", decoder.bn_axis_name, decoder.dtype)(x, not train))
+    x = _conv(filters, 3, name + "b_conv", decoder.dtype, kernel_init=_DECODER_INIT)(x)
+    return nn.relu(_batch_norm(name + "b_bn", decoder.bn_axis_name, decoder.dtype)(x, not train))
 
 
 class Unet(nn.Module):
@@ -317,10 +528,15 @@ class Unet(nn.Module):
     drop_connect_rate: float = 0.2
     normalize_input: bool = False
     depthwise_impl: str = "auto"
+    conv_impl: str = "auto"
+    upsample_impl: str = "auto"
+    remat: bool = True
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
         resolve_depthwise_impl(self.depthwise_impl)
+        resolve_conv_impl(self.conv_impl)
+        resolve_upsample_impl(self.upsample_impl)
         check_decoder_filters(self.decoder_filters)
         super().__post_init__()
 
@@ -333,10 +549,10 @@ class Unet(nn.Module):
         if self.normalize_input:
             x = (x / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
         features = EfficientNet(self.backbone, self.dtype, self.bn_axis_name,
-                                self.drop_connect_rate, self.depthwise_impl,
-                                name="encoder")(x.astype(self.dtype), train, freeze_encoder)
+                                self.drop_connect_rate, self.depthwise_impl, self.conv_impl,
+                                self.remat, name="encoder")(x.astype(self.dtype), train, freeze_encoder)
         logits = UnetDecoder(self.decoder_filters, self.classes, self.dtype, self.bn_axis_name,
-                             name="decoder")(features, train)
+                             self.upsample_impl, self.remat, name="decoder")(features, train)
         return logits.astype(jnp.float32)
 
 
@@ -344,3 +560,29 @@ def count_weights(variables: dict) -> int:
     """Parameters plus BatchNorm statistics: the number Keras' count_params() reports."""
     return sum(int(np.prod(leaf.shape)) for collection in ("params", "batch_stats")
                for leaf in jax.tree.leaves(variables.get(collection, {})))
+
+
+def random_variables(model: nn.Module, seed: int, random_affine: bool = False) -> dict:
+    """He-scaled random kernels, drawn in numpy: compiling `model.init` costs far more on
+    CPU (its random generators dominate, a minute for B5), and benchmarks and tests need
+    only plausible scales. BatchNorm statistics stay at mean 0, variance 1; its scale and
+    offset (and biases) stay at 1 and 0 unless `random_affine`, for tests in which every
+    parameter must matter."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, INPUT_MULTIPLE, INPUT_MULTIPLE, 3)))
+
+    def fill(path, leaf) -> np.ndarray:
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = math.prod(leaf.shape[:-1])
+            return rng.normal(0, math.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+        if name == "var" or (name == "scale" and not random_affine):
+            return np.ones(leaf.shape, np.float32)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        if name == "mean" or not random_affine:
+            return np.zeros(leaf.shape, np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)

@@ -96,9 +96,10 @@ def find_fold_dirs(run_dir: Path) -> list[Path]:
 
 
 def build_model(backbone: str, half_precision: bool, normalize_input: bool,
-                depthwise_impl: str = "auto") -> models.Unet:
+                impls: dict[str, str] | None = None) -> models.Unet:
+    """`impls`: the run's choices of models.IMPL_FIELDS (how convolutions are computed)."""
     return models.Unet(backbone=backbone, dtype=jnp.bfloat16 if half_precision else jnp.float32,
-                       normalize_input=normalize_input, depthwise_impl=depthwise_impl)
+                       normalize_input=normalize_input, **(impls or {}))
 
 
 def check_variables(model: models.Unet, variables: dict, tile: int, source: str) -> None:
@@ -150,7 +151,7 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         normalize_input = config.get("normalize_input", False)
         half_precision = config.get("half_precision", False)
     model = build_model(backbone, half_precision, normalize_input,
-                        config.get("depthwise_impl", "auto"))
+                        {field: config.get(field, "auto") for field in models.IMPL_FIELDS})
     tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
     if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:
         raise ValueError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "

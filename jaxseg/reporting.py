@@ -1,11 +1,19 @@
 """What a fold leaves for people to read: history, curves like the recipe's, TensorBoard."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
+import jax
 import numpy as np
+
+# What jax.monitoring calls one XLA compilation (jax._src.dispatch.BACKEND_COMPILE_EVENT);
+# its listeners get the program's name as `fun_name`.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def write_json(path: str | Path, payload: dict) -> None:
@@ -14,6 +22,24 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def compile_log() -> Iterator[dict[str, list[float]]]:
+    """Seconds of each XLA compilation inside the block, by program name: a run reports
+    them so that compile time is known and a program compiling again (per fold, after a
+    shape change) shows instead of silently costing minutes."""
+    seconds: dict[str, list[float]] = collections.defaultdict(list)
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            seconds[str(kwargs.get("fun_name", "unnamed"))].append(round(duration, 2))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def plot_curves(history: dict[str, list[float]], path: str | Path, title: str) -> None:

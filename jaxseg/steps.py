@@ -10,7 +10,8 @@ batch on one device.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxseg import losses
+from jaxseg import losses, parallel
 from jaxseg.parallel import AXIS
 
 ENCODER = "encoder"
@@ -106,3 +107,27 @@ def eval_step(variables: dict, batch: dict, *, model: nn.Module, loss_name: str)
     metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), batch["mask"], weights,
                                          _sum_over_devices)
     return {"loss": loss, **metrics}
+
+
+class CompiledSteps:
+    """The data-parallel train and eval programs, compiled once and shared by all folds
+    (and by the benchmarks, which must time the program training runs)."""
+
+    def __init__(self, model: nn.Module, loss_name: str, mesh: jax.sharding.Mesh):
+        self.tx = make_optimizer()
+        self._train: dict[bool, Callable] = {}
+        self._model, self._loss_name, self._mesh = model, loss_name, mesh
+        self.eval = parallel.data_parallel(
+            functools.partial(eval_step, model=model, loss_name=loss_name),
+            mesh, num_args=2, batch_args=(1,))
+        # One program instead of an eagerly dispatched (and compiled) op per parameter
+        # shape for Adam's zero moments: seconds per process on CPU.
+        self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx))
+
+    def train(self, freeze_encoder: bool) -> Callable:
+        if freeze_encoder not in self._train:
+            step = functools.partial(train_step, model=self._model, tx=self.tx,
+                                     loss_name=self._loss_name, freeze_encoder=freeze_encoder)
+            self._train[freeze_encoder] = parallel.data_parallel(
+                step, self._mesh, num_args=3, batch_args=(1,), donate_args=(0,))
+        return self._train[freeze_encoder]

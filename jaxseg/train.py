@@ -38,7 +38,8 @@ def build_model(config: ml_collections.ConfigDict) -> models.Unet:
                        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
                        bn_axis_name=parallel.AXIS, drop_connect_rate=config.drop_connect_rate,
                        normalize_input=config.normalize_input,
-                       depthwise_impl=config.depthwise_impl)
+                       depthwise_impl=config.depthwise_impl, conv_impl=config.conv_impl,
+                       upsample_impl=config.upsample_impl, remat=config.remat)
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
@@ -133,29 +134,6 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> No
                              f"this one has {current.get(key)!r}; use another --workdir")
 
 
-class CompiledSteps:
-    """The data-parallel train and eval programs, compiled once and shared by all folds."""
-
-    def __init__(self, model: models.Unet, config: ml_collections.ConfigDict, mesh):
-        self.tx = steps.make_optimizer()
-        self._train: dict[bool, Callable] = {}
-        self._model, self._config, self._mesh = model, config, mesh
-        self.eval = parallel.data_parallel(
-            functools.partial(steps.eval_step, model=model, loss_name=config.loss),
-            mesh, num_args=2, batch_args=(1,))
-        # One program instead of an eagerly dispatched (and compiled) op per parameter
-        # shape for Adam's zero moments: seconds per process on CPU.
-        self.create_state = jax.jit(functools.partial(steps.create_train_state, tx=self.tx))
-
-    def train(self, freeze_encoder: bool) -> Callable:
-        if freeze_encoder not in self._train:
-            step = functools.partial(steps.train_step, model=self._model, tx=self.tx,
-                                     loss_name=self._config.loss, freeze_encoder=freeze_encoder)
-            self._train[freeze_encoder] = parallel.data_parallel(
-                step, self._mesh, num_args=3, batch_args=(1,), donate_args=(0,))
-        return self._train[freeze_encoder]
-
-
 @dataclasses.dataclass
 class FoldData:
     fold: int
@@ -238,7 +216,7 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
 
 
 def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: FoldData,
-               model: models.Unet, compiled: CompiledSteps, mesh,
+               model: models.Unet, compiled: steps.CompiledSteps, mesh,
                init_weights: dict | None) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
     is_main = jax.process_index() == 0
@@ -380,7 +358,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: Path, plans: list[Fo
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
     model = build_model(config)
-    compiled = CompiledSteps(model, config, mesh)
+    compiled = steps.CompiledSteps(model, config.loss, mesh)
     results = {}
     for plan in plans:
         result_path = workdir / f"fold_{plan.fold}" / "result.json"
@@ -395,6 +373,19 @@ def train_folds(config: ml_collections.ConfigDict, workdir: Path, plans: list[Fo
         results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh,
                                         init_weights)
     return results
+
+
+STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)")
+
+
+def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each step program's compilations (one each for a whole run of folds, two for the
+    train step when the encoder is frozen for some epochs), and all other small programs
+    together."""
+    summary = {name: compile_seconds[name] for name in STEP_PROGRAMS if name in compile_seconds}
+    summary["other"] = [round(sum(sum(seconds) for name, seconds in compile_seconds.items()
+                                  if name not in STEP_PROGRAMS), 2)]
+    return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -427,7 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
               f"({jax.devices()[0].platform}), global batch "
               f"{config.per_device_batch_size * jax.device_count()}", flush=True)
-        results = train_folds(config, workdir, plans, init_weights)
+        with reporting.compile_log() as compile_seconds:
+            results = train_folds(config, workdir, plans, init_weights)
     except BaseException:
         if is_main and created and not holds_progress(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -442,12 +434,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
                                                   for r in results.values()])),
         "total_time_s": round(time.time() - started, 1),
+        "compile_seconds": summarize_compiles(compile_seconds),
     }
     if jax.process_index() == 0:
         reporting.write_json(workdir / "summary.json", summary)
     print(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
           f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
-          f"{summary['mean_val_per_image_dice']:.4f} -> {workdir / 'summary.json'}")
+          f"{summary['mean_val_per_image_dice']:.4f}; train step compiled in "
+          f"{sum(summary['compile_seconds'].get('jit(train_step)', [0])):.0f}s "
+          f"-> {workdir / 'summary.json'}")
     return summary
 
 

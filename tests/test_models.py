@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxseg.models import (BACKBONES, DepthwiseConv, Unet, block_args, count_weights,
-                           round_filters, round_repeats)
+                           random_variables, round_filters, round_repeats)
 
 # EfficientNet-B0..B7 stem and top widths and B5's repeats per stage, as the papers'
 # reference code (and qubvel's, and keras.applications') compute them.
@@ -25,21 +24,6 @@ def _shapes(model: Unet) -> dict:
                           jnp.zeros((1, 32, 32, 3)))
 
 
-def _random_variables(model: Unet, seed: int) -> dict:
-    """He-scaled kernels and default BatchNorm: far cheaper than compiling `model.init`
-    (the random generators dominate its compile time on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = math.prod(leaf.shape[:-1])
-            return rng.normal(0, math.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
-        return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, _shapes(model))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _train_forward(model: Unet, freeze_encoder: bool, variables: dict, images: jax.Array,
                    key: jax.Array) -> tuple[jax.Array, dict]:
@@ -51,7 +35,7 @@ def _train_forward(model: Unet, freeze_encoder: bool, variables: dict, images: j
 @pytest.fixture(scope="module")
 def b0_setup() -> tuple[dict, np.ndarray]:
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
-    return _random_variables(Unet("efficientnetb0"), seed=0), images
+    return random_variables(Unet("efficientnetb0"), seed=0), images
 
 
 def test_weight_counts_equal_keras_count_params():

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tifffile
@@ -54,24 +53,6 @@ def test_scaled_reader_gives_block_means_with_edges_repeated(tmp_path):
                                       image[3:9, 4:5])
 
 
-def random_variables(model, seed):
-    """Random weights of the right shapes, He-scaled, without the (slow on CPU) model.init."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, TILE, TILE, 3)), train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = np.prod(leaf.shape[:2]) if leaf.shape[-1] == 1 else np.prod(leaf.shape[:-1])
-            return (rng.standard_normal(leaf.shape) * np.sqrt(2 / fan_in)).astype(np.float32)
-        if name in ("scale", "var"):
-            return np.ones(leaf.shape, np.float32)
-        return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
     """A jaxseg.train run directory: two folds of a random Unet-b0, 64 px, reduction 2.
@@ -83,7 +64,8 @@ def fake_run(tmp_path_factory):
     model = models.Unet("efficientnetb0")
     for fold in range(2):
         saver = checkpoints.FoldCheckpoints(run / f"fold_{fold}")
-        saver.save_best(0, random_variables(model, seed=fold), {"val_dice_coe": 0.5})
+        variables = models.random_variables(model, seed=fold, random_affine=True)
+        saver.save_best(0, variables, {"val_dice_coe": 0.5})
         saver.close()
     (run / "config.json").write_text(json.dumps({
         "backbone": "efficientnetb0", "image_size": TILE, "half_precision": False,

@@ -81,6 +81,14 @@ def test_run_writes_every_artefact(finished_run, record_dir):
         np.mean([summary["folds"][f]["best_val_dice_coe"] for f in ("0", "1")]))
 
 
+def test_each_step_program_compiles_once_for_all_folds(finished_run):
+    _, summary = finished_run
+    compiles = summary["compile_seconds"]
+    assert len(compiles["jit(train_step)"]) == 1, compiles
+    assert len(compiles["jit(eval_step)"]) == 1, compiles
+    assert len(compiles["jit(create_train_state)"]) == 1, compiles
+
+
 def test_finished_folds_are_not_retrained(finished_run, record_dir, capsys):
     workdir, summary = finished_run
     again = train.train_and_evaluate(tiny_config(record_dir), workdir)

@@ -1,0 +1,180 @@
+"""The CPU fast paths of the Unet compute what the native convolutions compute.
+
+conv_impl='matmul', upsample_impl='folded' and depthwise_impl='shifted' (with its own
+kernel gradient) must give the native outputs AND gradients, and keep the parameter
+layout, so that weight conversion and checkpoints do not care which path ran.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg import parallel
+from jaxseg.models import (DepthwiseConv, Unet, UpsampleConcatConv, pointwise_conv_as_matmul,
+                           random_variables, resolve_conv_impl, resolve_depthwise_impl,
+                           resolve_upsample_impl)
+
+NATIVE = {"conv_impl": "native", "upsample_impl": "native", "depthwise_impl": "native"}
+FAST = {"conv_impl": "matmul", "upsample_impl": "folded", "depthwise_impl": "shifted"}
+
+
+def _assert_close(actual, expected, tolerance: float, floor: float = 0.0) -> None:
+    """Each leaf within `tolerance` of the expected leaf's largest magnitude, or of
+    `floor` times the largest magnitude of all leaves when that is more: float32 rounding
+    scales with each leaf, and leaves whose exact value is zero hold only rounding."""
+    overall = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(expected))
+
+    def check(path, a, e):
+        scale = max(float(np.max(np.abs(e))), floor * overall, 1e-30)
+        error = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64))))
+        assert error <= tolerance * scale, (f"{jax.tree_util.keystr(path)}: {error:.2e} > "
+                                            f"{tolerance} x {scale:.2e}")
+    jax.tree_util.tree_map_with_path(check, actual, expected)
+
+
+def _values_and_grads(layer: nn.Module, variables: dict, inputs: tuple) -> tuple:
+    """Outputs, and gradients w.r.t. parameters and inputs of a random projection of them."""
+    outputs = layer.apply(variables, *inputs)
+    weights = jax.random.normal(jax.random.key(7), outputs.shape)
+
+    def projection(params, *inputs):
+        return jnp.sum(layer.apply({"params": params}, *inputs) * weights)
+
+    grads = jax.grad(projection, argnums=tuple(range(1 + len(inputs))))(variables["params"],
+                                                                         *inputs)
+    return outputs, grads
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_pointwise_conv_as_matmul_matches_conv(use_bias):
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 6))
+    native = nn.Conv(4, (1, 1), padding="SAME", use_bias=use_bias)
+    matmul = nn.Conv(4, (1, 1), padding="SAME", use_bias=use_bias,
+                     conv_general_dilated=pointwise_conv_as_matmul)
+    variables = native.init(jax.random.key(1), x)
+    if use_bias:
+        variables = {"params": {**variables["params"], "bias": jnp.arange(4.0)}}
+    expected = jax.jit(functools.partial(_values_and_grads, native))(variables, (x,))
+    _assert_close(jax.jit(functools.partial(_values_and_grads, matmul))(variables, (x,)),
+                  expected, 1e-6)
+
+
+def test_pointwise_conv_as_matmul_refuses_other_kernels():
+    x = jnp.zeros((1, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"1x1 kernel at stride 1.*\(3, 3, 2, 4\)"):
+        nn.Conv(4, (3, 3), conv_general_dilated=pointwise_conv_as_matmul).init(
+            jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"strides \(2, 2\)"):
+        nn.Conv(4, (1, 1), strides=2, conv_general_dilated=pointwise_conv_as_matmul).init(
+            jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("skip_channels", [0, 5])
+@pytest.mark.parametrize("height,width", [(3, 5), (4, 4), (1, 2)])
+def test_folded_upsample_conv_matches_upsample_then_conv(skip_channels, height, width):
+    x = jax.random.normal(jax.random.key(0), (2, height, width, 6))
+    skip = (jax.random.normal(jax.random.key(1), (2, 2 * height, 2 * width, skip_channels))
+            if skip_channels else None)
+    native, folded = (UpsampleConcatConv(4, impl) for impl in ("native", "folded"))
+    variables = native.init(jax.random.key(2), x, skip)
+    # the upsampled copy is what a plain nn.Conv would see after the concatenation
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    plain = nn.Conv(4, (3, 3), padding="SAME", use_bias=False).apply(
+        variables, upsampled if skip is None else jnp.concatenate([upsampled, skip], -1))
+    expected = jax.jit(functools.partial(_values_and_grads, native))(variables, (x, skip))
+    np.testing.assert_allclose(expected[0], plain, rtol=1e-5, atol=1e-5)
+    _assert_close(jax.jit(functools.partial(_values_and_grads, folded))(variables, (x, skip)),
+                  expected, 1e-5)
+
+
+@pytest.mark.parametrize("kernel_size,stride", [(3, 2), (5, 1)])
+def test_shifted_depthwise_gradient_in_bfloat16_follows_float32(kernel_size, stride):
+    """The hand-written kernel gradient sums bfloat16 products in float32."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 10, 8))
+    native = DepthwiseConv(kernel_size, stride, "native")
+    variables = native.init(jax.random.key(1), x)
+    expected = jax.jit(functools.partial(_values_and_grads, native))(variables, (x,))
+    half = DepthwiseConv(kernel_size, stride, "shifted", dtype=jnp.bfloat16)
+    _assert_close(jax.jit(functools.partial(_values_and_grads, half))(variables, (x,)),
+                  expected, 2e-2)
+
+
+def test_shifted_depthwise_gradient_sums_over_devices():
+    """Under the data-parallel wrapper a replicated kernel gets the sum of every
+    device's gradient, as it does with the native convolution on one device."""
+    x = jax.random.normal(jax.random.key(0), (jax.device_count(), 6, 6, 4))
+    weights = jax.random.normal(jax.random.key(1), (jax.device_count(), 3, 3, 4))
+    native, shifted = (DepthwiseConv(3, 2, impl) for impl in ("native", "shifted"))
+    variables = native.init(jax.random.key(2), x)
+
+    def loss(layer, variables, x, weights):
+        return jnp.sum(layer.apply(variables, x) * weights)
+
+    def per_device_grad(variables, x, weights):
+        return jax.grad(lambda v: jax.lax.psum(loss(shifted, v, x, weights), parallel.AXIS))(
+            variables)
+
+    mesh = parallel.make_mesh()
+    step = parallel.data_parallel(per_device_grad, mesh, num_args=3, batch_args=(1, 2))
+    batch = parallel.to_global_batch({"x": np.asarray(x), "weights": np.asarray(weights)}, mesh)
+    grads = step(parallel.replicate(variables, mesh), batch["x"], batch["weights"])
+    expected = jax.jit(jax.grad(functools.partial(loss, native)))(variables, x, weights)
+    _assert_close(jax.device_get(grads), expected, 1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_outputs_and_grads(model: Unet, variables: dict, images: jax.Array,
+                             masks: jax.Array) -> tuple:
+    """What a train step takes from the model: logits, new BatchNorm statistics, and the
+    gradient of a soft-Dice-like loss w.r.t. every parameter."""
+    def loss_fn(params):
+        logits, state = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    images, train=True, rngs={"dropout": jax.random.key(0)},
+                                    mutable=["batch_stats"])
+        probs = jax.nn.sigmoid(logits)
+        loss = 1 - 2 * jnp.sum(probs * masks) / (jnp.sum(probs) + jnp.sum(masks))
+        return loss, (logits, state["batch_stats"])
+
+    (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        variables["params"])
+    return logits, batch_stats, grads
+
+
+def test_unet_with_every_fast_path_equals_native_unet():
+    native, fast = Unet("efficientnetb0", **NATIVE), Unet("efficientnetb0", **FAST)
+    shapes = [jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                             jnp.zeros((1, 64, 64, 3))) for model in (native, fast)]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype),
+                                            *shapes)))
+
+    variables = random_variables(native, seed=0, random_affine=True)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    masks = (rng.random((2, 64, 64, 1)) < 0.3).astype(np.float32)
+    expected = _train_outputs_and_grads(native, variables, images, masks)
+    actual = _train_outputs_and_grads(fast, variables, images, masks)
+    assert 0.1 < np.std(expected[0]) and np.abs(expected[0]).max() < 100, "reference saturates"
+    _assert_close(actual[:2], expected[:2], 1e-4)
+    # On this input float32 rounding alone moves some gradient leaves by 2% from their
+    # float64 values (native and fast paths alike); the paths differ by under 0.5%.
+    _assert_close(actual[2], expected[2], 1e-2, floor=1e-3)
+
+
+def test_auto_picks_the_fast_paths_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto") == "matmul"
+    assert resolve_upsample_impl("auto") == "folded"
+    assert resolve_depthwise_impl("auto") == "shifted"
+    assert resolve_conv_impl("native") == "native"
+
+
+@pytest.mark.parametrize("field", ["conv_impl", "upsample_impl"])
+def test_unknown_impl_is_refused_with_its_name(field):
+    with pytest.raises(ValueError, match=f"{field} 'fast' is not one of auto, native"):
+        Unet("efficientnetb0", **{field: "fast"})
