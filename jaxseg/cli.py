@@ -8,6 +8,7 @@ from typing import Callable, NoReturn
 # Keep TensorFlow's start-up chatter off the terminal; users see jaxseg's own lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                FloatingPointError)
 
@@ -71,7 +72,8 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     """Runs an absl main; a bad input becomes one line on stderr and exit status 1.
 
     The modules raise ValueError/FileNotFoundError with a message that names the file or
-    field; a traceback would bury that line, so it is printed alone.
+    field; a traceback would bury that line, so it is printed alone. An internal error of
+    the same type would print alone too: JAXSEG_TRACEBACK=1 shows the traceback.
     """
     from absl import app, logging
 
@@ -81,6 +83,8 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         try:
             main(argv)
         except USER_ERRORS as error:
+            if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+                raise
             fail(" ".join(_lines(error)))
 
     app.run(guarded, flags_parser=parse_flags)

@@ -1,0 +1,30 @@
+"""The command-line wrapper: one error line for bad input, a traceback when asked for."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from jaxseg import cli
+
+
+def _failing_main(argv: list[str]) -> None:
+    del argv
+    raise ValueError("config.image_size: 100 is not a multiple of 32")
+
+
+def test_user_error_is_one_line_and_exit_status_1(monkeypatch, capsys):
+    monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+    monkeypatch.setattr(sys, "argv", ["jaxseg.train"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(_failing_main)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: config.image_size: 100 is not a multiple of 32\n")
+
+
+def test_traceback_variable_lets_the_error_through(monkeypatch):
+    monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
+    monkeypatch.setattr(sys, "argv", ["jaxseg.train"])
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        cli.run_main(_failing_main)
