@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import ml_collections
-import tensorflow as tf
+
+from jaxseg.tensorflow_quiet import tf
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 

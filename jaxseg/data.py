@@ -14,10 +14,10 @@ from typing import Iterator, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from jaxseg.augment import augment_fn
 from jaxseg.records import RECORD_SUFFIX, count_from_name
+from jaxseg.tensorflow_quiet import tf
 
 
 def _hide_gpus_from_tensorflow() -> None:

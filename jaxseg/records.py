@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import tensorflow as tf
+
+from jaxseg.tensorflow_quiet import tf
 
 RECORD_SUFFIX = ".tfrec"
 _COUNT_IN_NAME = re.compile(r"-([0-9]+)\.tfrec$")

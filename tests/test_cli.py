@@ -1,6 +1,7 @@
 """The command-line wrapper: one error line for bad input, a traceback when asked for."""
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -28,3 +29,11 @@ def test_traceback_variable_lets_the_error_through(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["jaxseg.train"])
     with pytest.raises(ValueError, match="not a multiple of 32"):
         cli.run_main(_failing_main)
+
+
+def test_importing_the_data_pipeline_prints_nothing():
+    """TensorFlow's C++ start-up notices would precede every command's output."""
+    result = subprocess.run([sys.executable, "-c", "import jaxseg.data"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
