@@ -393,7 +393,13 @@ def main(argv: list[str]) -> None:
                 workers.pop(framework, None)
                 failures[framework] = str(error)
         if not _SEQUENTIAL.value:
-            _time_rounds(list(workers.values()))
+            try:
+                _time_rounds(list(workers.values()))
+            except RuntimeError as error:  # a worker died; the others' rounds are kept
+                dead = next(name for name, worker in workers.items()
+                            if worker.process.poll() is not None)
+                workers.pop(dead).close()
+                failures[dead] = str(error)
     finally:
         for worker in workers.values():
             worker.close()

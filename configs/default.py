@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.depthwise_impl = "auto"     # 'native' | 'shifted' (multiply-adds)
     config.conv_impl = "auto"          # 'native' | 'matmul' (1x1 convolutions)
     config.upsample_impl = "auto"      # 'native' | 'folded' (upsample + 3x3 conv as 2x2)
-    config.remat = True                # recompute elementwise work in the backward pass
+    config.remat = True                # recompute elementwise work in the backward pass (on
+                                       # every backend; its cost on GPU/TPU is not measured)
     config.half_precision = False      # bfloat16 compute, float32 parameters and loss
 
     # Optimisation.

@@ -281,6 +281,12 @@ def pointwise_conv_as_matmul(x: jax.Array, kernel: jax.Array, window_strides, pa
     if kernel.shape[:2] != (1, 1) or tuple(window_strides) != (1, 1):
         raise ValueError(f"pointwise_conv_as_matmul needs a 1x1 kernel at stride 1, got kernel "
                          f"{kernel.shape} and strides {tuple(window_strides)}")
+    unpadded = padding in ("SAME", "VALID") or all(tuple(pair) == (0, 0) for pair in padding)
+    undilated = all(tuple(conv_options.get(name) or (1, 1)) == (1, 1)
+                    for name in ("lhs_dilation", "rhs_dilation"))
+    if not (unpadded and undilated and conv_options.get("feature_group_count", 1) == 1):
+        raise ValueError("pointwise_conv_as_matmul computes no padding, dilation or groups, "
+                         f"got padding {padding} and {conv_options}")
     rows = lax.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0],
                    precision=conv_options.get("precision"))
     return rows.reshape(*x.shape[:-1], kernel.shape[-1])

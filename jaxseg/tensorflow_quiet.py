@@ -3,14 +3,18 @@
 TensorFlow 2.21 writes its oneDNN and CUDA-driver notices to stderr from C++ before any
 logging setting applies (TF_CPP_MIN_LOG_LEVEL no longer reaches them), twice per process,
 in front of every command's own output. The import runs with file descriptor 2 pointed at
-/dev/null; an import that fails still raises, and its traceback prints after stderr is back.
+/dev/null. That hides everything written to stderr meanwhile: Python warnings raised by
+the import too, and a native crash's message. An import that fails with a Python
+exception still raises it, and its traceback prints after stderr is back.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _import_quietly():
+    sys.stderr.flush()  # what was written before goes out, not to /dev/null
     saved_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
@@ -19,6 +23,7 @@ def _import_quietly():
         # The CUDA probe of a full (non -cpu) TensorFlow build runs at first device use.
         tensorflow.config.list_physical_devices()
     finally:
+        sys.stderr.flush()
         os.dup2(saved_stderr, 2)
         os.close(saved_stderr)
         os.close(devnull)

@@ -29,8 +29,9 @@ from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
                 "val_accuracy", "val_per_image_dice", "lr")
-# Fields a resumed run may change: extending training or choosing other folds.
-RESUMABLE_CHANGES = ("epochs", "folds")
+# Fields a resumed run may change: extending training, choosing other folds, and how layers
+# are computed (never what they compute; absent from runs made before these fields).
+RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat")
 
 
 def build_model(config: ml_collections.ConfigDict) -> models.Unet:

@@ -72,6 +72,10 @@ def test_pointwise_conv_as_matmul_refuses_other_kernels():
     with pytest.raises(ValueError, match=r"strides \(2, 2\)"):
         nn.Conv(4, (1, 1), strides=2, conv_general_dilated=pointwise_conv_as_matmul).init(
             jax.random.key(0), x)
+    for options in ({"padding": 1}, {"kernel_dilation": 2}, {"feature_group_count": 2}):
+        with pytest.raises(ValueError, match="no padding, dilation or groups"):
+            nn.Conv(4, (1, 1), conv_general_dilated=pointwise_conv_as_matmul, **options).init(
+                jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("skip_channels", [0, 5])

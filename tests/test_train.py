@@ -96,6 +96,20 @@ def test_finished_folds_are_not_retrained(finished_run, record_dir, capsys):
     assert again["folds"] == summary["folds"]
 
 
+def test_layer_implementation_may_change_on_resume(finished_run, record_dir, capsys):
+    """They never change results; runs from before these fields lack them in config.json."""
+    workdir, summary = finished_run
+    config_path = workdir / "config.json"
+    saved = json.loads(config_path.read_text())
+    for field in (*models.IMPL_FIELDS, "remat"):
+        del saved[field]
+    config_path.write_text(json.dumps(saved))
+    again = train.train_and_evaluate(tiny_config(record_dir, conv_impl="native", remat=False),
+                                     workdir)
+    assert "finished earlier" in capsys.readouterr().out
+    assert again["folds"] == summary["folds"]
+
+
 def test_changed_config_in_same_workdir_is_refused(finished_run, record_dir):
     workdir, _ = finished_run
     with pytest.raises(ValueError, match="config.image_size"):
