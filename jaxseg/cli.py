@@ -5,9 +5,6 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-# Keep TensorFlow's start-up chatter off the terminal; users see jaxseg's own lines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                FloatingPointError)

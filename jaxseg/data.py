@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -165,9 +165,12 @@ def validation_batches(files: Sequence[str], *, image_size: int, batch_size: int
                                       image_size, batch_size, num_batches)
 
 
-def num_validation_batches(files: Sequence[str], batch_size: int, process_count: int) -> int:
-    """The largest host's batch count: what every host must run in lockstep."""
-    return max(math.ceil(sum(count_examples(f) for f in host_shard(files, p, process_count))
+def num_validation_batches(counts: Mapping[str, int], batch_size: int,
+                           process_count: int) -> int:
+    """The largest host's batch count: what every host must run in lockstep. `counts`:
+    the examples of each validation file (`count_examples`), in the files' order."""
+    files = list(counts)
+    return max(math.ceil(sum(counts[f] for f in host_shard(files, p, process_count))
                          / batch_size)
                for p in range(process_count))
 

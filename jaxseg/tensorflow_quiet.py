@@ -14,6 +14,8 @@ import sys
 
 
 def _import_quietly():
+    # TensorFlow's C++ log lines after start-up (tf.data notices) honour this setting.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()  # what was written before goes out, not to /dev/null
     saved_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -39,8 +39,8 @@ def build_model(config: ml_collections.ConfigDict) -> models.Unet:
                        dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
                        bn_axis_name=parallel.AXIS, drop_connect_rate=config.drop_connect_rate,
                        normalize_input=config.normalize_input,
-                       depthwise_impl=config.depthwise_impl, conv_impl=config.conv_impl,
-                       upsample_impl=config.upsample_impl, remat=config.remat)
+                       remat=config.remat,
+                       **{field: config[field] for field in models.IMPL_FIELDS})
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
@@ -339,17 +339,20 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: Fold
 
 
 def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[str],
-              val_files: list[str]) -> FoldData:
-    num_train = sum(data.count_examples(path) for path in train_files)
+              val_files: list[str], counts: dict[str, int]) -> FoldData:
+    """`counts`: examples per record file, counted once for all folds (a file whose name
+    carries no count is read to the end to count it)."""
+    num_train = sum(counts[path] for path in train_files)
     global_batch = config.per_device_batch_size * jax.device_count()
     steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
         num_train // global_batch)
     if steps_per_epoch == 0:
         raise ValueError(f"fold {fold}: {num_train} training images are fewer than one global "
                          f"batch of {global_batch}; lower config.per_device_batch_size")
+    val_counts = {path: counts[path] for path in val_files}
     val_batches = data.num_validation_batches(
-        val_files, parallel.host_batch_size(config.per_device_batch_size), jax.process_count())
-    num_val = sum(data.count_examples(path) for path in val_files)
+        val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count())
+    num_val = sum(val_counts.values())
     return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train,
                     num_val)
 
@@ -404,7 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     files = data.list_record_files(config.data_dir)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
     folds = parse_folds(config.folds, config.num_folds)
-    plans = [fold_plan(config, fold, *splits[fold]) for fold in folds]
+    counts = {path: data.count_examples(path) for path in files}
+    plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
     check_record_files(files, config.image_size)
     init_weights = load_init_weights(config)
     is_main = jax.process_index() == 0

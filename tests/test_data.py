@@ -140,7 +140,8 @@ def test_validation_returns_tiles_exactly_as_written(files):
 
 
 def test_validation_hosts_cover_all_examples_in_the_same_number_of_steps(files):
-    num_batches = num_validation_batches(files, batch_size=4, process_count=3)
+    num_batches = num_validation_batches({f: count_examples(f) for f in files}, batch_size=4,
+                                         process_count=3)
     # Hosts hold slides (0, 3), (1,) and (2,): 14, 7 and 3 examples.
     assert num_batches == 4
     seen = []
