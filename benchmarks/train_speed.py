@@ -57,6 +57,7 @@ _TASKS = flags.DEFINE_list("tasks", list(TASKS), "what to time")
 _CONV_IMPL = flags.DEFINE_string("conv_impl", "auto", "jaxseg Unet conv_impl")
 _DEPTHWISE_IMPL = flags.DEFINE_string("depthwise_impl", "auto", "jaxseg Unet depthwise_impl")
 _UPSAMPLE_IMPL = flags.DEFINE_string("upsample_impl", "auto", "jaxseg Unet upsample_impl")
+_BATCHNORM_IMPL = flags.DEFINE_string("batchnorm_impl", "auto", "jaxseg Unet batchnorm_impl")
 _REMAT = flags.DEFINE_enum("remat", "auto", ["auto", "true", "false"], "jaxseg Unet remat")
 _HALF_PRECISION = flags.DEFINE_boolean("half_precision", False,
                                        "bfloat16 compute (jaxseg dtype, smp autocast)")
@@ -73,8 +74,10 @@ _SEQUENTIAL = flags.DEFINE_boolean("sequential", False, "time one framework afte
                                     "do not fit in memory together (B5 at 512 px in 24 GB)")
 _WORKER = flags.DEFINE_enum("worker", None, FRAMEWORKS, "internal: serve one framework's "
                             "steps on stdin/stdout")
+# A share of one core taken by other processes above which the timings are not trusted.
+_OTHER_LOAD_WARNING = 0.05
 _WORKER_FLAGS = ("backbone", "image_size", "batch_size", "warmup_steps", "steps_per_round",
-                 "tasks", "conv_impl", "depthwise_impl", "upsample_impl", "remat",
+                 "tasks", "conv_impl", "depthwise_impl", "upsample_impl", "batchnorm_impl", "remat",
                  "half_precision", "channels_last")
 
 
@@ -102,7 +105,8 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     model = models.Unet(_BACKBONE.value, bn_axis_name=parallel.AXIS,
                         dtype=jnp.bfloat16 if _HALF_PRECISION.value else jnp.float32,
                         depthwise_impl=_DEPTHWISE_IMPL.value, conv_impl=_CONV_IMPL.value,
-                        upsample_impl=_UPSAMPLE_IMPL.value, **remat)
+                        upsample_impl=_UPSAMPLE_IMPL.value,
+                        batchnorm_impl=_BATCHNORM_IMPL.value, **remat)
     mesh = parallel.make_mesh()
     compiled_steps = steps.CompiledSteps(model, "dice", mesh)
     variables = models.random_variables(model, seed=0)
@@ -354,17 +358,72 @@ def _report(results: dict) -> list[str]:
         lines.append(f"ratio {name}: {ratio:.2f}x")
     for framework, error in results["failures"].items():
         lines.append(f"{framework:6s} FAILED: {error}")
+    lines.extend(_warnings(results))
     return lines
 
 
-def _time_rounds(workers: list[_Worker]) -> None:
-    print(f"load average before timing: {os.getloadavg()[0]:.1f}", flush=True)
+def _warnings(results: dict) -> list[str]:
+    """What makes the numbers above wrong for this machine, said beside them."""
+    lines = []
+    timing = results["timing"]
+    if "other_cpu_seconds" in timing:
+        share = timing["other_cpu_seconds"] / max(timing["timed_seconds"], 1e-9)
+        lines.append(f"other processes used {timing['other_cpu_seconds']:.1f} CPU seconds "
+                     f"during {timing['timed_seconds']:.0f} s of timing")
+        if share > _OTHER_LOAD_WARNING:
+            lines.append(f"WARNING: other processes took {100 * share:.0f}% of a core while "
+                         "timing: these numbers are not this machine's; rerun it idle")
+    jaxseg_devices = results["frameworks"].get("jaxseg", {}).get("facts", {}).get("devices", "")
+    if jaxseg_devices.endswith(" x cpu") and not jaxseg_devices.startswith("1 "):
+        lines.append(f"WARNING: jaxseg ran on {jaxseg_devices} devices (XLA_FLAGS="
+                     f"{os.environ.get('XLA_FLAGS', '')!r}); one CPU device is faster")
+    return lines
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU time the whole machine has been busy since boot (Linux; None elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(
+                int, stat.readline().split()[1:9])
+    except OSError:
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds(workers: list[_Worker]) -> float:
+    """CPU time of this benchmark: the parent and its workers' processes."""
+    parent = os.times()
+    total = parent.user + parent.system
+    for worker in workers:
+        with open(f"/proc/{worker.process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _time_rounds(workers: list[_Worker]) -> dict[str, float]:
+    """Times the rounds; returns their wall seconds and, where the OS tells, the CPU
+    seconds other processes took meanwhile: on a 2-core machine another job's load moves
+    the timings by up to 80% (which a load average cannot tell from the benchmark's own)."""
+    busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds(workers)
+    start = time.perf_counter()
     for task in _TASKS.value:
         for _ in range(_ROUNDS.value):
             for worker in workers:
                 time.sleep(_PAUSE_SECONDS.value)
                 worker.step(task)
-    print(f"load average after timing: {os.getloadavg()[0]:.1f}", flush=True)
+    timing = {"timed_seconds": time.perf_counter() - start}
+    busy_after, own_after = _busy_cpu_seconds(), _own_cpu_seconds(workers)
+    if busy_before is not None and busy_after is not None:
+        timing["other_cpu_seconds"] = max(
+            0.0, (busy_after - busy_before) - (own_after - own_before))
+    return timing
+
+
+def _add_timing(total: dict[str, float], timing: dict[str, float]) -> None:
+    for name, value in timing.items():
+        total[name] = total.get(name, 0.0) + value
 
 
 def main(argv: list[str]) -> None:
@@ -380,21 +439,22 @@ def main(argv: list[str]) -> None:
     print(f"Unet-{_BACKBONE.value} {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch "
           f"{_BATCH_SIZE.value}, {os.cpu_count()} cores; jaxseg conv_impl={_CONV_IMPL.value} "
           f"depthwise_impl={_DEPTHWISE_IMPL.value} upsample_impl={_UPSAMPLE_IMPL.value} "
+          f"batchnorm_impl={_BATCHNORM_IMPL.value} "
           f"remat={_REMAT.value} half_precision={_HALF_PRECISION.value}", flush=True)
-    workers, failures = {}, {}
+    workers, failures, timing = {}, {}, {}
     try:
         for framework in _FRAMEWORKS.value:  # one at a time: setup and compilation are timed
             try:
                 workers[framework] = _Worker(framework)
                 if _SEQUENTIAL.value:
-                    _time_rounds([workers[framework]])
+                    _add_timing(timing, _time_rounds([workers[framework]]))
                     workers[framework].close()
             except RuntimeError as error:  # reported beside the frameworks that finished
                 workers.pop(framework, None)
                 failures[framework] = str(error)
         if not _SEQUENTIAL.value:
             try:
-                _time_rounds(list(workers.values()))
+                _add_timing(timing, _time_rounds(list(workers.values())))
             except RuntimeError as error:  # a worker died; the others' rounds are kept
                 dead = next(name for name, worker in workers.items()
                             if worker.process.poll() is not None)
@@ -405,6 +465,7 @@ def main(argv: list[str]) -> None:
             worker.close()
     results = _results(workers)
     results["failures"] = failures
+    results["timing"] = timing
     print("\n".join(_report(results)))
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as out:

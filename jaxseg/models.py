@@ -23,8 +23,9 @@ BACKBONES = tuple(f"efficientnetb{i}" for i in range(8))
 DEPTHWISE_IMPLS = ("auto", "native", "shifted")
 CONV_IMPLS = ("auto", "native", "matmul")
 UPSAMPLE_IMPLS = ("auto", "native", "folded")
+BATCHNORM_IMPLS = ("auto", "native", "fused")
 # Unet fields that choose how a layer is computed, never what it computes.
-IMPL_FIELDS = ("depthwise_impl", "conv_impl", "upsample_impl")
+IMPL_FIELDS = ("depthwise_impl", "conv_impl", "upsample_impl", "batchnorm_impl")
 SKIP_FEATURES = ("block6a_expand_activation", "block4a_expand_activation",
                  "block3a_expand_activation", "block2a_expand_activation")
 TOP_FEATURE = "top_activation"
@@ -148,6 +149,13 @@ def resolve_upsample_impl(impl: str) -> str:
     return _resolve_impl("upsample_impl", impl, UPSAMPLE_IMPLS, "folded")
 
 
+def resolve_batchnorm_impl(impl: str) -> str:
+    """'auto' is 'fused' on CPU, where a training BatchNorm and its activation under
+    autodiff are a dozen passes over the activations, several of them single-threaded
+    reductions; accelerators fuse those passes themselves."""
+    return _resolve_impl("batchnorm_impl", impl, BATCHNORM_IMPLS, "fused")
+
+
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, tuple[int, int]]:
     """Output size and (low, high) padding of 'SAME' (Keras and XLA agree: extra on the high side)."""
     out = -(-size // stride)
@@ -188,6 +196,17 @@ def _varying_axes(x: jax.Array) -> frozenset:
     return jax.typeof(x).manual_axis_type.varying
 
 
+def _per_device_like(param: jax.Array, x: jax.Array) -> jax.Array:
+    """Under shard_map a parameter replicated over the devices meets per-device
+    activations. Made per-device before a function with a hand-written gradient, its
+    gradient there has the type of its input, and autodiff sums that gradient over the
+    devices as it does for any replicated parameter."""
+    per_device_axes = tuple(sorted(_varying_axes(x) - _varying_axes(param)))
+    if per_device_axes:
+        return lax.pcast(param, per_device_axes, to="varying")
+    return param
+
+
 def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """'SAME' depthwise convolution of NHWC `x` with a (kh, kw, C) kernel, as kh*kw
     strided slices of the padded input times per-channel weights. Products are summed in
@@ -197,13 +216,7 @@ def shifted_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
     products: derived automatically, it is kh*kw separate reductions that XLA:CPU hands
     to a library after copying every window out, several times slower.
     """
-    # Under shard_map a kernel replicated over the devices meets per-device images; made
-    # per-device here, its hand-written gradient has the type of its input, and autodiff
-    # sums that gradient over the devices as it does for any replicated parameter.
-    per_device_axes = tuple(sorted(_varying_axes(x) - _varying_axes(kernel)))
-    if per_device_axes:
-        kernel = lax.pcast(kernel, per_device_axes, to="varying")
-    return _shifted_depthwise(x, kernel, stride)
+    return _shifted_depthwise(x, _per_device_like(kernel, x), stride)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -227,17 +240,21 @@ def _shifted_depthwise_bwd(stride: int, residuals: tuple[jax.Array, jax.Array],
 
 
 def _window_grad_sums(windows: list[jax.Array], grad: jax.Array) -> jax.Array:
-    """(len(windows), C) float32 sums over N, H, W of each window times `grad`, in one
-    pass over the data: one variadic reduction, within blocks of rows first (XLA:CPU
-    runs a reduction straight to C values on one thread), then over the blocks."""
-    batch, height, width, channels = grad.shape
-    rows = math.gcd(height, _SUM_BLOCK_ROWS)
+    """(len(windows), C) sums over N, H, W of each window times `grad`."""
     grad32 = grad.astype(jnp.float32)
-    products = [(window.astype(jnp.float32) * grad32).reshape(-1, rows, width, channels)
-                for window in windows]
-    block_sums = lax.reduce(products, [np.float32(0)] * len(products),
-                            lambda totals, terms: [a + b for a, b in zip(totals, terms)], (1, 2))
-    return jnp.stack(block_sums).sum(axis=1)
+    return jnp.stack(_channel_sums([window.astype(jnp.float32) * grad32 for window in windows]))
+
+
+def _channel_sums(terms: list[jax.Array]) -> list[jax.Array]:
+    """Per-channel float32 sums of same-shaped NHWC arrays in one pass over the data: one
+    variadic reduction within blocks of rows first (XLA:CPU runs a reduction straight to C
+    values on one thread), then over the blocks."""
+    _, height, width, channels = terms[0].shape
+    rows = math.gcd(height, _SUM_BLOCK_ROWS)
+    blocked = [term.astype(jnp.float32).reshape(-1, rows, width, channels) for term in terms]
+    block_sums = lax.reduce(blocked, [np.float32(0)] * len(blocked),
+                            lambda totals, values: [a + b for a, b in zip(totals, values)], (1, 2))
+    return [block_sum.sum(axis=0) for block_sum in block_sums]
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
@@ -264,12 +281,106 @@ class DepthwiseConv(nn.Module):
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
 
 
-def _batch_norm(name: str, axis_name: str | None, dtype: Any) -> nn.BatchNorm:
+_ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+    "swish": nn.swish, "relu": nn.relu, None: lambda x: x}
+
+
+def _activation_derivative(activation: str | None, z: jax.Array) -> jax.Array:
+    if activation == "swish":
+        gate = jax.nn.sigmoid(z)
+        return gate * (1 + z * (1 - gate))
+    if activation == "relu":
+        return (z > 0).astype(z.dtype)
+    return jnp.ones_like(z)
+
+
+def _batch_norm(name: str, axis_name: str | None, dtype: Any, impl: str,
+                activation: str | None) -> Callable[[jax.Array, bool], jax.Array]:
+    """Keras' BatchNormalization followed by `activation`, under the Keras layer's name."""
+    if resolve_batchnorm_impl(impl) == "fused":
+        return FusedBatchNorm(activation, axis_name, dtype, name=name)
     # Two-pass variance: E[x^2]-E[x]^2 cancels badly on the large unnormalised
     # activations of a 0..255 input.
-    return nn.BatchNorm(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, axis_name=axis_name,
-                        dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
-                        name=name)
+    batch_norm = nn.BatchNorm(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, axis_name=axis_name,
+                              dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                              name=name)
+    return lambda x, use_running_average: _ACTIVATIONS[activation](
+        batch_norm(x, use_running_average))
+
+
+class FusedBatchNorm(nn.Module):
+    """nn.BatchNorm (as `_batch_norm` configures it) and an activation, with the same
+    variables and results, whose training-mode gradient is written by hand: two
+    per-channel sums and one pass over the activations, where autodiff of the two layers
+    makes about a dozen passes and XLA:CPU runs their reductions on one thread."""
+    activation: str | None
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        channels = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        if use_running_average:
+            normalized = (x - running_mean.value) * (
+                lax.rsqrt(running_var.value + _BN_EPSILON) * scale) + bias
+            return _ACTIVATIONS[self.activation](normalized.astype(self.dtype))
+        # Flax computes initial statistics without the device axis, which init lacks.
+        axis_name = None if self.is_initializing() else self.axis_name
+        y, mean, var = _batch_norm_train(x, _per_device_like(scale, x), _per_device_like(bias, x),
+                                         self.activation, axis_name)
+        if not self.is_initializing():
+            running_mean.value = _BN_MOMENTUM * running_mean.value + (1 - _BN_MOMENTUM) * mean
+            running_var.value = _BN_MOMENTUM * running_var.value + (1 - _BN_MOMENTUM) * var
+        return y.astype(self.dtype)
+
+
+def _mean_over_devices(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return x if axis_name is None else lax.pmean(x, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str | None,
+                      axis_name: str | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The activation of x normalised with its own (global batch) statistics, and those
+    statistics: float32 mean and biased variance per channel, as Flax computes them."""
+    return _batch_norm_train_fwd(x, scale, bias, activation, axis_name)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, activation, axis_name):
+    count = x.size // x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = _mean_over_devices(_channel_sums([x32])[0] / count, axis_name)
+    var = _mean_over_devices(_channel_sums([jnp.square(x32 - mean)])[0] / count, axis_name)
+    inverse_std = lax.rsqrt(var + _BN_EPSILON)
+    normalized = (x32 - mean) * (inverse_std * scale) + bias
+    y = _ACTIVATIONS[activation](normalized)
+    return (y, mean, var), (x, scale, bias, mean, inverse_std)
+
+
+def _batch_norm_train_bwd(activation, axis_name, residuals, grads):
+    x, scale, bias, mean, inverse_std = residuals
+    grad_y, grad_mean, grad_var = grads
+    local_count = x.size // x.shape[-1]
+    count = local_count * (1 if axis_name is None else lax.axis_size(axis_name))
+    centered = x.astype(jnp.float32) - mean
+    x_hat = centered * inverse_std
+    normalized = centered * (inverse_std * scale) + bias
+    grad_normalized = grad_y.astype(jnp.float32) * _activation_derivative(activation, normalized)
+    grad_bias, grad_scale = _channel_sums([grad_normalized, grad_normalized * x_hat])
+    mean_grad = _mean_over_devices(grad_bias / local_count, axis_name)
+    mean_grad_x_hat = _mean_over_devices(grad_scale / local_count, axis_name)
+    grad_x = (scale * inverse_std) * (grad_normalized - mean_grad - x_hat * mean_grad_x_hat)
+    # The statistics are outputs too; their cotangents are zero in training, where only
+    # the running averages read them.
+    grad_x = grad_x + (grad_mean + 2 * grad_var * centered) / count
+    return grad_x.astype(x.dtype), grad_scale, grad_bias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def pointwise_conv_as_matmul(x: jax.Array, kernel: jax.Array, window_strides, padding,
@@ -327,24 +438,24 @@ def _mbconv(encoder: "EfficientNet", x: jax.Array, block: BlockArgs, train: bool
     """One MBConv block; returns its output and its expand activation (None without)."""
     prefix = block.name + "_"
 
-    def batch_norm(name: str, y: jax.Array) -> jax.Array:
-        return _batch_norm(prefix + name, encoder.bn_axis_name, encoder.dtype)(
-            y, use_running_average)
+    def batch_norm(name: str, y: jax.Array, activation: str | None = "swish") -> jax.Array:
+        return _batch_norm(prefix + name, encoder.bn_axis_name, encoder.dtype,
+                           encoder.batchnorm_impl, activation)(y, use_running_average)
 
     inputs = x
     expanded = None
     if block.expand_ratio != 1:
         x = _conv(block.input_filters * block.expand_ratio, 1, prefix + "expand_conv",
                   encoder.dtype, impl=encoder.conv_impl)(x)
-        x = expanded = nn.swish(batch_norm("expand_bn", x))
+        x = expanded = batch_norm("expand_bn", x)
     x = DepthwiseConv(block.kernel_size, block.stride, encoder.depthwise_impl, encoder.dtype,
                       name=prefix + "dwconv")(x)
-    x = nn.swish(batch_norm("bn", x))
+    x = batch_norm("bn", x)
     x = _squeeze_excite(x, max(1, int(block.input_filters * _SE_RATIO)), prefix, encoder.dtype,
                         encoder.conv_impl)
     x = _conv(block.output_filters, 1, prefix + "project_conv", encoder.dtype,
               impl=encoder.conv_impl)(x)
-    x = batch_norm("project_bn", x)
+    x = batch_norm("project_bn", x, activation=None)
     if block.has_residual:
         if block.drop_rate > 0:
             x = nn.Dropout(block.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
@@ -363,11 +474,13 @@ class EfficientNet(nn.Module):
     depthwise_impl: str = "auto"
     conv_impl: str = "auto"
     remat: bool = True
+    batchnorm_impl: str = "auto"
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
         resolve_depthwise_impl(self.depthwise_impl)
         resolve_conv_impl(self.conv_impl)
+        resolve_batchnorm_impl(self.batchnorm_impl)
         super().__post_init__()
 
     @nn.compact
@@ -379,10 +492,11 @@ class EfficientNet(nn.Module):
         features = {}
 
         def batch_norm(name: str, y: jax.Array) -> jax.Array:
-            return _batch_norm(name, self.bn_axis_name, self.dtype)(y, use_running_average)
+            return _batch_norm(name, self.bn_axis_name, self.dtype, self.batchnorm_impl,
+                               "swish")(y, use_running_average)
 
         x = _conv(round_filters(_STEM_FILTERS, width), 3, "stem_conv", self.dtype, stride=2)(x)
-        x = nn.swish(batch_norm("stem_bn", x))
+        x = batch_norm("stem_bn", x)
         for block in block_args(self.backbone, self.drop_connect_rate):
             mbconv = _rematerialized(functools.partial(
                 _mbconv, block=block, train=train, use_running_average=use_running_average),
@@ -392,7 +506,7 @@ class EfficientNet(nn.Module):
                 features[block.name + "_expand_activation"] = expanded
         x = _conv(round_filters(_TOP_FILTERS, width), 1, "top_conv", self.dtype,
                   impl=self.conv_impl)(x)
-        features[TOP_FEATURE] = nn.swish(batch_norm("top_bn", x))
+        features[TOP_FEATURE] = batch_norm("top_bn", x)
         return {name: features[name] for name in SKIP_FEATURES + (TOP_FEATURE,)}
 
 
@@ -490,10 +604,12 @@ class UnetDecoder(nn.Module):
     bn_axis_name: str | None = None
     upsample_impl: str = "auto"
     remat: bool = True
+    batchnorm_impl: str = "auto"
 
     def __post_init__(self) -> None:
         check_decoder_filters(self.decoder_filters)
         resolve_upsample_impl(self.upsample_impl)
+        resolve_batchnorm_impl(self.batchnorm_impl)
         super().__post_init__()
 
     @nn.compact
@@ -512,9 +628,13 @@ def _decoder_stage(decoder: UnetDecoder, x: jax.Array, skip: jax.Array | None, n
                    filters: int, train: bool) -> jax.Array:
     x = UpsampleConcatConv(filters, decoder.upsample_impl, decoder.dtype,
                            name=name + "a_conv")(x, skip)
-    x = nn.relu(_batch_norm(name + "a_bn", decoder.bn_axis_name, decoder.dtype)(x, not train))
+    def batch_norm_relu(bn_name: str, y: jax.Array) -> jax.Array:
+        return _batch_norm(bn_name, decoder.bn_axis_name, decoder.dtype, decoder.batchnorm_impl,
+                           "relu")(y, not train)
+
+    x = batch_norm_relu(name + "a_bn", x)
     x = _conv(filters, 3, name + "b_conv", decoder.dtype, kernel_init=_DECODER_INIT)(x)
-    return nn.relu(_batch_norm(name + "b_bn", decoder.bn_axis_name, decoder.dtype)(x, not train))
+    return batch_norm_relu(name + "b_bn", x)
 
 
 class Unet(nn.Module):
@@ -537,12 +657,14 @@ class Unet(nn.Module):
     conv_impl: str = "auto"
     upsample_impl: str = "auto"
     remat: bool = True
+    batchnorm_impl: str = "auto"
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
         resolve_depthwise_impl(self.depthwise_impl)
         resolve_conv_impl(self.conv_impl)
         resolve_upsample_impl(self.upsample_impl)
+        resolve_batchnorm_impl(self.batchnorm_impl)
         check_decoder_filters(self.decoder_filters)
         super().__post_init__()
 
@@ -556,9 +678,11 @@ class Unet(nn.Module):
             x = (x / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
         features = EfficientNet(self.backbone, self.dtype, self.bn_axis_name,
                                 self.drop_connect_rate, self.depthwise_impl, self.conv_impl,
-                                self.remat, name="encoder")(x.astype(self.dtype), train, freeze_encoder)
+                                self.remat, self.batchnorm_impl,
+                                name="encoder")(x.astype(self.dtype), train, freeze_encoder)
         logits = UnetDecoder(self.decoder_filters, self.classes, self.dtype, self.bn_axis_name,
-                             self.upsample_impl, self.remat, name="decoder")(features, train)
+                             self.upsample_impl, self.remat, self.batchnorm_impl,
+                             name="decoder")(features, train)
         return logits.astype(jnp.float32)
 
 

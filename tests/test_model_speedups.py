@@ -1,8 +1,9 @@
 """The CPU fast paths of the Unet compute what the native convolutions compute.
 
-conv_impl='matmul', upsample_impl='folded' and depthwise_impl='shifted' (with its own
-kernel gradient) must give the native outputs AND gradients, and keep the parameter
-layout, so that weight conversion and checkpoints do not care which path ran.
+conv_impl='matmul', upsample_impl='folded', depthwise_impl='shifted' and
+batchnorm_impl='fused' (the last two with their own gradients) must give the native
+outputs AND gradients, and keep the parameter layout, so that weight conversion and
+checkpoints do not care which path ran.
 """
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from jaxseg import parallel
-from jaxseg.models import (DepthwiseConv, Unet, UpsampleConcatConv, pointwise_conv_as_matmul,
-                           random_variables, resolve_conv_impl, resolve_depthwise_impl,
-                           resolve_upsample_impl)
+from jaxseg.models import (DepthwiseConv, FusedBatchNorm, Unet, UpsampleConcatConv,
+                           pointwise_conv_as_matmul, random_variables, resolve_batchnorm_impl,
+                           resolve_conv_impl, resolve_depthwise_impl, resolve_upsample_impl)
 
-NATIVE = {"conv_impl": "native", "upsample_impl": "native", "depthwise_impl": "native"}
-FAST = {"conv_impl": "matmul", "upsample_impl": "folded", "depthwise_impl": "shifted"}
+NATIVE = {"conv_impl": "native", "upsample_impl": "native", "depthwise_impl": "native",
+          "batchnorm_impl": "native"}
+FAST = {"conv_impl": "matmul", "upsample_impl": "folded", "depthwise_impl": "shifted",
+        "batchnorm_impl": "fused"}
 
 
 def _assert_close(actual, expected, tolerance: float, floor: float = 0.0) -> None:
@@ -131,6 +135,125 @@ def test_shifted_depthwise_gradient_sums_over_devices():
     _assert_close(jax.device_get(grads), expected, 1e-5)
 
 
+_ACTIVATION_FUNCTIONS = {"swish": nn.swish, "relu": nn.relu, None: lambda x: x}
+
+
+class _FlaxBatchNorm(nn.Module):
+    """The reference: Flax's BatchNorm as the native path configures it (Keras' momentum
+    and epsilon, two-pass variance), then the activation."""
+    activation: str | None
+    axis_name: str | None = None
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average):
+        y = nn.BatchNorm(momentum=0.99, epsilon=1e-3, axis_name=self.axis_name,
+                         dtype=self.dtype, use_fast_variance=False, name="bn")(
+            x, use_running_average)
+        return _ACTIVATION_FUNCTIONS[self.activation](y)
+
+
+class _Fused(nn.Module):
+    activation: str | None
+    axis_name: str | None = None
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, use_running_average):
+        return FusedBatchNorm(self.activation, self.axis_name, self.dtype, name="bn")(
+            x, use_running_average)
+
+
+def _batch_norm_case(seed: int = 0, shape=(4, 6, 10, 5)):
+    """Activations far from zero mean and unit variance, random affine parameters and
+    running statistics, and a random projection of the output as the loss."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    channels = shape[-1]
+    x = 3 * jax.random.normal(keys[0], shape) + jax.random.normal(keys[1], (channels,)) * 4
+    variables = {
+        "params": {"bn": {"scale": jax.random.uniform(keys[2], (channels,), minval=0.5, maxval=2),
+                          "bias": jax.random.normal(keys[3], (channels,))}},
+        "batch_stats": {"bn": {"mean": jax.random.normal(keys[4], (channels,)),
+                               "var": jax.random.uniform(keys[5], (channels,), minval=0.5,
+                                                         maxval=3)}}}
+    projection = jax.random.normal(jax.random.key(seed + 1), shape)
+    return x, variables, projection
+
+
+def _train_and_eval(layer: nn.Module, variables: dict, x: jax.Array, projection: jax.Array):
+    """Training-mode output, updated statistics and gradients w.r.t. the input and the
+    parameters; then the inference-mode output with the updated statistics. The loss
+    reads the updated statistics too, so that their gradient is checked as well."""
+    def loss(params, x):
+        y, state = layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               False, mutable=["batch_stats"])
+        statistics = state["batch_stats"]["bn"]
+        return (jnp.sum(y.astype(jnp.float32) * projection)
+                + 30 * jnp.sum(statistics["mean"] - statistics["var"]),
+                (y, state["batch_stats"]))
+
+    (_, (y, batch_stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x)
+    inference = layer.apply({"params": variables["params"], "batch_stats": batch_stats}, x, True)
+    return y, batch_stats, grads, inference
+
+
+@pytest.mark.parametrize("activation", ["swish", "relu", None])
+def test_fused_batch_norm_equals_flax_batch_norm(activation):
+    x, variables, projection = _batch_norm_case()
+    flax_layer, fused_layer = _FlaxBatchNorm(activation), _Fused(activation)
+    initial = [jax.tree.map(np.asarray, layer.init(jax.random.key(0), x, False))
+               for layer in (flax_layer, fused_layer)]
+    assert jax.tree.structure(initial[0]) == jax.tree.structure(initial[1])
+    jax.tree.map(np.testing.assert_array_equal, *initial)
+    expected = jax.jit(functools.partial(_train_and_eval, flax_layer))(variables, x, projection)
+    actual = jax.jit(functools.partial(_train_and_eval, fused_layer))(variables, x, projection)
+    _assert_close(actual, expected, 2e-6)
+
+
+def test_fused_batch_norm_in_bfloat16_follows_float32():
+    """bfloat16 activations in and out; statistics and gradient sums in float32."""
+    x, variables, projection = _batch_norm_case(seed=3)
+    expected = jax.jit(functools.partial(_train_and_eval, _FlaxBatchNorm("swish")))(
+        variables, x, projection)
+    actual = jax.jit(functools.partial(_train_and_eval, _Fused("swish", dtype=jnp.bfloat16)))(
+        variables, x.astype(jnp.bfloat16), projection)
+    _assert_close(actual[:2], expected[:2], 1e-2)
+    _assert_close(actual[2:], expected[2:], 3e-2)
+
+
+def test_fused_batch_norm_over_devices_equals_one_device():
+    """Synchronised statistics, and an input gradient that flows through the statistics
+    of every device's examples: the global batch on one device is the reference."""
+    devices = jax.device_count()
+    x, variables, projection = _batch_norm_case(seed=5, shape=(devices * 2, 4, 6, 3))
+    expected = jax.jit(functools.partial(_train_and_eval, _FlaxBatchNorm("swish")))(
+        variables, x, projection)
+    fused = _Fused("swish", axis_name=parallel.AXIS)
+
+    def per_device(variables, x, projection):
+        def loss(params, x):
+            y, state = fused.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                   x, False, mutable=["batch_stats"])
+            statistics = state["batch_stats"]["bn"]
+            return (jax.lax.psum(jnp.sum(y * projection), parallel.AXIS)
+                    + 30 * jnp.sum(statistics["mean"] - statistics["var"]), state["batch_stats"])
+
+        (_, batch_stats), (grad_params, grad_x) = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+        return batch_stats, grad_params, grad_x
+
+    mesh = parallel.make_mesh()
+    mapped = jax.jit(jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
+        out_specs=(P(), P(), P(parallel.AXIS))))
+    batch = parallel.to_global_batch({"x": np.asarray(x), "projection": np.asarray(projection)},
+                                     mesh)
+    batch_stats, grad_params, grad_x = jax.device_get(
+        mapped(parallel.replicate(variables, mesh), batch["x"], batch["projection"]))
+    _assert_close((batch_stats, (grad_params, grad_x)), expected[1:3], 2e-6)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _train_outputs_and_grads(model: Unet, variables: dict, images: jax.Array,
                              masks: jax.Array) -> tuple:
@@ -175,10 +298,11 @@ def test_auto_picks_the_fast_paths_on_cpu():
     assert resolve_conv_impl("auto") == "matmul"
     assert resolve_upsample_impl("auto") == "folded"
     assert resolve_depthwise_impl("auto") == "shifted"
+    assert resolve_batchnorm_impl("auto") == "fused"
     assert resolve_conv_impl("native") == "native"
 
 
-@pytest.mark.parametrize("field", ["conv_impl", "upsample_impl"])
+@pytest.mark.parametrize("field", ["conv_impl", "upsample_impl", "batchnorm_impl"])
 def test_unknown_impl_is_refused_with_its_name(field):
     with pytest.raises(ValueError, match=f"{field} 'fast' is not one of auto, native"):
         Unet("efficientnetb0", **{field: "fast"})
