@@ -368,11 +368,12 @@ def _warnings(results: dict) -> list[str]:
     timing = results["timing"]
     if "other_cpu_seconds" in timing:
         share = timing["other_cpu_seconds"] / max(timing["timed_seconds"], 1e-9)
-        lines.append(f"other processes used {timing['other_cpu_seconds']:.1f} CPU seconds "
+        lines.append(f"others (processes, a shared host's steal) used "
+                     f"{timing['other_cpu_seconds']:.1f} CPU seconds of this benchmark's cores "
                      f"during {timing['timed_seconds']:.0f} s of timing")
         if share > _OTHER_LOAD_WARNING:
-            lines.append(f"WARNING: other processes took {100 * share:.0f}% of a core while "
-                         "timing: these numbers are not this machine's; rerun it idle")
+            lines.append(f"WARNING: others took {100 * share:.0f}% of a core while timing: "
+                         "these numbers are not this machine's; rerun it idle")
     jaxseg_devices = results["frameworks"].get("jaxseg", {}).get("facts", {}).get("devices", "")
     if jaxseg_devices.endswith(" x cpu") and not jaxseg_devices.startswith("1 "):
         lines.append(f"WARNING: jaxseg ran on {jaxseg_devices} devices (XLA_FLAGS="
@@ -380,45 +381,44 @@ def _warnings(results: dict) -> list[str]:
     return lines
 
 
-def _busy_cpu_seconds() -> float | None:
-    """CPU time the whole machine has been busy since boot (Linux; None elsewhere)."""
+def _cpu_seconds(workers: list[_Worker]) -> tuple[float, float] | None:
+    """(busy CPU seconds of the cores this process may run on, CPU seconds of this
+    process and its workers) from /proc, or None where there is no /proc (macOS)."""
     try:
+        cores = {f"cpu{core}" for core in os.sched_getaffinity(0)}
+        tick = os.sysconf("SC_CLK_TCK")
         with open("/proc/stat") as stat:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(
-                int, stat.readline().split()[1:9])
-    except OSError:
+            rows = [line.split() for line in stat if line.split()[0] in cores]
+        own = sum(os.times()[:2])
+        for worker in workers:
+            with open(f"/proc/{worker.process.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
+            own += (int(fields[11]) + int(fields[12])) / tick
+    except (AttributeError, OSError):
         return None
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    # user, nice, system, irq, softirq, steal: steal is CPU a shared host gave to others.
+    busy = sum(int(row[index]) for row in rows for index in (1, 2, 3, 6, 7, 8)) / tick
+    return busy, own
 
 
-def _own_cpu_seconds(workers: list[_Worker]) -> float:
-    """CPU time of this benchmark: the parent and its workers' processes."""
-    parent = os.times()
-    total = parent.user + parent.system
-    for worker in workers:
-        with open(f"/proc/{worker.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def _time_rounds(workers: list[_Worker]) -> dict[str, float]:
-    """Times the rounds; returns their wall seconds and, where the OS tells, the CPU
-    seconds other processes took meanwhile: on a 2-core machine another job's load moves
-    the timings by up to 80% (which a load average cannot tell from the benchmark's own)."""
-    busy_before, own_before = _busy_cpu_seconds(), _own_cpu_seconds(workers)
-    start = time.perf_counter()
-    for task in _TASKS.value:
-        for _ in range(_ROUNDS.value):
-            for worker in workers:
-                time.sleep(_PAUSE_SECONDS.value)
-                worker.step(task)
-    timing = {"timed_seconds": time.perf_counter() - start}
-    busy_after, own_after = _busy_cpu_seconds(), _own_cpu_seconds(workers)
-    if busy_before is not None and busy_after is not None:
-        timing["other_cpu_seconds"] = max(
-            0.0, (busy_after - busy_before) - (own_after - own_before))
-    return timing
+def _time_rounds(workers: list[_Worker], timing: dict[str, float]) -> None:
+    """Times the rounds; adds to `timing` their wall seconds and, where /proc tells, the
+    CPU seconds others took meanwhile on this process's cores: on a 2-core machine
+    another job moves the timings by up to 80%, which a load average cannot tell from
+    the benchmark's own load. Adds them even when a worker dies midway."""
+    before, start = _cpu_seconds(workers), time.perf_counter()
+    try:
+        for task in _TASKS.value:
+            for _ in range(_ROUNDS.value):
+                for worker in workers:
+                    time.sleep(_PAUSE_SECONDS.value)
+                    worker.step(task)
+    finally:
+        after = _cpu_seconds(workers)
+        _add_timing(timing, {"timed_seconds": time.perf_counter() - start})
+        if before is not None and after is not None:
+            others = (after[0] - before[0]) - (after[1] - before[1])
+            _add_timing(timing, {"other_cpu_seconds": max(0.0, others)})
 
 
 def _add_timing(total: dict[str, float], timing: dict[str, float]) -> None:
@@ -447,14 +447,14 @@ def main(argv: list[str]) -> None:
             try:
                 workers[framework] = _Worker(framework)
                 if _SEQUENTIAL.value:
-                    _add_timing(timing, _time_rounds([workers[framework]]))
+                    _time_rounds([workers[framework]], timing)
                     workers[framework].close()
             except RuntimeError as error:  # reported beside the frameworks that finished
                 workers.pop(framework, None)
                 failures[framework] = str(error)
         if not _SEQUENTIAL.value:
             try:
-                _add_timing(timing, _time_rounds(list(workers.values())))
+                _time_rounds(list(workers.values()), timing)
             except RuntimeError as error:  # a worker died; the others' rounds are kept
                 dead = next(name for name, worker in workers.items()
                             if worker.process.poll() is not None)

@@ -285,15 +285,6 @@ _ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
     "swish": nn.swish, "relu": nn.relu, None: lambda x: x}
 
 
-def _activation_derivative(activation: str | None, z: jax.Array) -> jax.Array:
-    if activation == "swish":
-        gate = jax.nn.sigmoid(z)
-        return gate * (1 + z * (1 - gate))
-    if activation == "relu":
-        return (z > 0).astype(z.dtype)
-    return jnp.ones_like(z)
-
-
 def _batch_norm(name: str, axis_name: str | None, dtype: Any, impl: str,
                 activation: str | None) -> Callable[[jax.Array, bool], jax.Array]:
     """Keras' BatchNormalization followed by `activation`, under the Keras layer's name."""
@@ -312,7 +303,8 @@ class FusedBatchNorm(nn.Module):
     """nn.BatchNorm (as `_batch_norm` configures it) and an activation, with the same
     variables and results, whose training-mode gradient is written by hand: two
     per-channel sums and one pass over the activations, where autodiff of the two layers
-    makes about a dozen passes and XLA:CPU runs their reductions on one thread."""
+    makes about a dozen passes and XLA:CPU runs their reductions on one thread.
+    Takes NHWC activations only."""
     activation: str | None
     axis_name: str | None = None
     dtype: Any = jnp.float32
@@ -331,45 +323,47 @@ class FusedBatchNorm(nn.Module):
         # Flax computes initial statistics without the device axis, which init lacks.
         axis_name = None if self.is_initializing() else self.axis_name
         y, mean, var = _batch_norm_train(x, _per_device_like(scale, x), _per_device_like(bias, x),
-                                         self.activation, axis_name)
+                                         self.activation, axis_name, self.dtype)
         if not self.is_initializing():
             running_mean.value = _BN_MOMENTUM * running_mean.value + (1 - _BN_MOMENTUM) * mean
             running_var.value = _BN_MOMENTUM * running_var.value + (1 - _BN_MOMENTUM) * var
-        return y.astype(self.dtype)
+        return y
 
 
 def _mean_over_devices(x: jax.Array, axis_name: str | None) -> jax.Array:
     return x if axis_name is None else lax.pmean(x, axis_name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, activation: str | None,
-                      axis_name: str | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      axis_name: str | None, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The activation of x normalised with its own (global batch) statistics, and those
-    statistics: float32 mean and biased variance per channel, as Flax computes them."""
-    return _batch_norm_train_fwd(x, scale, bias, activation, axis_name)[0]
+    statistics: float32 mean and biased variance per channel, as Flax computes them. Like
+    Flax, the normalised value is rounded to `dtype` before the activation."""
+    return _batch_norm_train_fwd(x, scale, bias, activation, axis_name, dtype)[0]
 
 
-def _batch_norm_train_fwd(x, scale, bias, activation, axis_name):
+def _batch_norm_train_fwd(x, scale, bias, activation, axis_name, dtype):
     count = x.size // x.shape[-1]
     x32 = x.astype(jnp.float32)
     mean = _mean_over_devices(_channel_sums([x32])[0] / count, axis_name)
     var = _mean_over_devices(_channel_sums([jnp.square(x32 - mean)])[0] / count, axis_name)
     inverse_std = lax.rsqrt(var + _BN_EPSILON)
     normalized = (x32 - mean) * (inverse_std * scale) + bias
-    y = _ACTIVATIONS[activation](normalized)
+    y = _ACTIVATIONS[activation](normalized.astype(dtype))
     return (y, mean, var), (x, scale, bias, mean, inverse_std)
 
 
-def _batch_norm_train_bwd(activation, axis_name, residuals, grads):
+def _batch_norm_train_bwd(activation, axis_name, dtype, residuals, grads):
     x, scale, bias, mean, inverse_std = residuals
     grad_y, grad_mean, grad_var = grads
     local_count = x.size // x.shape[-1]
     count = local_count * (1 if axis_name is None else lax.axis_size(axis_name))
     centered = x.astype(jnp.float32) - mean
     x_hat = centered * inverse_std
-    normalized = centered * (inverse_std * scale) + bias
-    grad_normalized = grad_y.astype(jnp.float32) * _activation_derivative(activation, normalized)
+    normalized = (centered * (inverse_std * scale) + bias).astype(dtype)
+    grad_normalized = jax.vjp(_ACTIVATIONS[activation], normalized)[1](grad_y)[0].astype(
+        jnp.float32)
     grad_bias, grad_scale = _channel_sums([grad_normalized, grad_normalized * x_hat])
     mean_grad = _mean_over_devices(grad_bias / local_count, axis_name)
     mean_grad_x_hat = _mean_over_devices(grad_scale / local_count, axis_name)
@@ -628,6 +622,7 @@ def _decoder_stage(decoder: UnetDecoder, x: jax.Array, skip: jax.Array | None, n
                    filters: int, train: bool) -> jax.Array:
     x = UpsampleConcatConv(filters, decoder.upsample_impl, decoder.dtype,
                            name=name + "a_conv")(x, skip)
+
     def batch_norm_relu(bn_name: str, y: jax.Array) -> jax.Array:
         return _batch_norm(bn_name, decoder.bn_axis_name, decoder.dtype, decoder.batchnorm_impl,
                            "relu")(y, not train)

@@ -97,7 +97,7 @@ def find_fold_dirs(run_dir: Path) -> list[Path]:
 
 def build_model(backbone: str, half_precision: bool, normalize_input: bool,
                 impls: dict[str, str] | None = None) -> models.Unet:
-    """`impls`: the run's choices of models.IMPL_FIELDS (how convolutions are computed)."""
+    """`impls`: the run's choices of models.IMPL_FIELDS (how layers are computed)."""
     return models.Unet(backbone=backbone, dtype=jnp.bfloat16 if half_precision else jnp.float32,
                        normalize_input=normalize_input, **(impls or {}))
 
