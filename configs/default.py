@@ -28,8 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.conv_impl = "auto"          # 'native' | 'matmul' (1x1 convolutions)
     config.upsample_impl = "auto"      # 'native' | 'folded' (upsample + 3x3 conv as 2x2)
     config.batchnorm_impl = "auto"     # 'native' | 'fused' (BatchNorm + activation, own gradient)
-    config.remat = True                # recompute elementwise work in the backward pass (on
-                                       # every backend; faster on CPU and on an H200 too)
+    config.remat = True                # recompute elementwise work in the backward pass: less
+                                       # memory, and faster on an H200 (configs/cpu.py: off)
     config.half_precision = False      # bfloat16 compute, float32 parameters and loss
 
     # Optimisation.
