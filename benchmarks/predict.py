@@ -98,6 +98,9 @@ def _keras_stage(settings: dict, results: multiprocessing.Queue) -> None:
 
 
 def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
+    from jaxseg import host_memory
+
+    keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.predict` does
     import jax
 
     from jaxseg import convert, predict
@@ -137,6 +140,7 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     theirs = np.load(settings["keras_probabilities"])
     results.put({"windows": len(windows), "devices": jax.device_count(),
                  "platform": jax.devices()[0].platform, "compile_seconds": compile_seconds,
+                 "keeps_freed_memory": keeps_freed_memory,
                  "pipeline_seconds": pipeline_seconds, "model_seconds": model_seconds,
                  "rss_after_compile_mib": rss_before, "pipeline_peak_rss_mib": pipeline_rss,
                  "max_probability_difference": float(np.abs(ours - theirs).max()),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import checkpoints, convert, models, parallel, slides, stitch
+from jaxseg import checkpoints, convert, host_memory, models, parallel, slides, stitch
 
 TTA_MODES = ("none", "flips")
 # The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
@@ -359,6 +359,9 @@ def predict_to_csv(paths: list[Path], predict_fn: stitch.PredictFn, options: Sli
                     if overlays:
                         write_overlay(slide, mask, options.reduction,
                                       Path(overlays) / f"{path.stem}.png")
+                del mask
+                host_memory.fall_back_if_crowded()
+                host_memory.release_freed_memory()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -397,6 +400,7 @@ def main(argv: list[str]) -> None:
 
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    host_memory.keep_freed_memory()
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")

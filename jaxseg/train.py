@@ -24,7 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import checkpoints, cli, data, models, parallel, reporting, steps
+from jaxseg import checkpoints, cli, data, host_memory, models, parallel, reporting, steps
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
@@ -184,6 +184,9 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
 
         for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
             state, metrics = step_fn(state, batch, learning_rate)
+            if step == 0:  # the step's buffers have now been allocated once
+                jax.block_until_ready(metrics)
+                host_memory.fall_back_if_crowded()
             if pending is not None:
                 consume(*pending)
             pending = (step, metrics)
@@ -312,6 +315,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: Fold
             if stopped:
                 print(f"fold {fold}: early stopping after epoch {epoch + 1}; best epoch "
                       f"{early_stopping.best_epoch + 1}")
+            host_memory.release_freed_memory()
     finally:
         ckpt.close()
         if scalars is not None:
@@ -461,6 +465,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    host_memory.keep_freed_memory()
     if _MULTIHOST.value:
         jax.distributed.initialize()
     if _CONFIG.value is None or _WORKDIR.value is None:

@@ -1,0 +1,127 @@
+"""host_memory: freed blocks stay in the process, and come back to the system on request.
+
+Each case runs in a fresh interpreter: glibc's tuning is process-wide and must come before
+any thread takes an arena.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxseg import host_memory
+
+pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc")
+
+# Plain malloc, as XLA:CPU allocates (numpy asks for huge pages, which fault 512x less).
+_HELPERS = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def round_trip(size=256 << 20):
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    libc.free(block)
+"""
+
+# Allocates, touches and frees a 256 MiB block twice, as XLA:CPU does with a step's
+# temporaries, and reports the page faults of the second round and the resident size
+# before and after release_freed_memory.
+_PROBE = """
+import json
+from jaxseg import host_memory
+applied = host_memory.keep_freed_memory()
+""" + _HELPERS + """
+round_trip()
+before = faults()
+round_trip()
+second_round_faults = faults() - before
+kept = host_memory.resident_bytes()
+host_memory.release_freed_memory()
+print(json.dumps({"applied": applied, "second_round_faults": second_round_faults,
+                  "kept_mib": kept / 2**20,
+                  "released_mib": host_memory.resident_bytes() / 2**20}))
+"""
+
+
+def _probe(switch: str | None, platforms: str = "cpu") -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if key != host_memory.SWITCH_VARIABLE}
+    env["JAX_PLATFORMS"] = platforms
+    if switch is not None:
+        env[host_memory.SWITCH_VARIABLE] = switch
+    completed = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                               text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_freed_block_is_reused_without_page_faults_and_released_on_request():
+    kept = _probe(switch=None)
+    assert kept["applied"]
+    # 256 MiB is 65,536 pages of 4 KiB: glibc's default maps and faults them in again.
+    assert kept["second_round_faults"] < 1000
+    assert kept["kept_mib"] - kept["released_mib"] > 200
+
+
+_CROWDED_PROBE = """
+import json
+from jaxseg import host_memory
+host_memory.keep_freed_memory()
+""" + _HELPERS + """
+round_trip()
+resident = host_memory.resident_bytes()
+roomy = host_memory.fall_back_if_crowded(limit_bytes=4 * resident)
+crowded = host_memory.fall_back_if_crowded(limit_bytes=2 * resident)
+after = host_memory.resident_bytes()
+before = faults()
+round_trip()
+print(json.dumps({"roomy": roomy, "crowded": crowded, "freed_mib": (resident - after) / 2**20,
+                  "faults_after": faults() - before,
+                  "again": host_memory.fall_back_if_crowded(limit_bytes=1)}))
+"""
+
+
+def test_crowded_process_falls_back_to_glibc_defaults():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop(host_memory.SWITCH_VARIABLE, None)
+    completed = subprocess.run([sys.executable, "-c", _CROWDED_PROBE], env=env,
+                               capture_output=True, text=True, check=True)
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    # Holding a quarter of the limit is room enough; half of it is crowded.
+    assert not result["roomy"] and result["crowded"]
+    assert result["freed_mib"] > 200  # the kept block went back at once
+    assert result["faults_after"] > 30000  # and large blocks are mapped afresh again
+    assert not result["again"]  # once fallen back, it stays so
+
+
+def test_glibc_defaults_fault_every_round():
+    default = _probe(switch="0")
+    assert not default["applied"]
+    assert default["second_round_faults"] > 30000
+    assert default["kept_mib"] - default["released_mib"] < 50
+
+
+def test_accelerator_host_keeps_glibc_defaults_unless_asked():
+    assert not _probe(switch=None, platforms="cuda")["applied"]
+    assert _probe(switch="1", platforms="cuda")["applied"]
+
+
+def test_switch_with_a_bad_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(host_memory.SWITCH_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="JAXSEG_KEEP_FREED_MEMORY='yes'"):
+        host_memory.keep_freed_memory()
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cpu,cuda", True),
+                                                 ("cuda", False), ("tpu,cpu", False)])
+def test_jax_platforms_decide_the_backend(monkeypatch, platforms, expected):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert host_memory.jax_runs_on_cpu() is expected
