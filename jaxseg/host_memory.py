@@ -35,11 +35,11 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NO_TRIMMING = -1  # mallopt takes an int; glibc reads it as size_t, the largest threshold
 # Where glibc's defaults settle once a large block has been freed: blocks up to 32 MiB come
-# from the heap, the heap's top is trimmed above 64 MiB, and up to 8 arenas per core
-# (mallopt cannot restore the sliding thresholds themselves; threads already in the one
-# arena stay there).
-_GLIBC_DEFAULTS = ((_M_ARENA_MAX, 8 * (os.cpu_count() or 1)), (_M_MMAP_MAX, 65536),
-                   (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
+# from the heap and the heap's top is trimmed above 64 MiB (mallopt cannot restore the
+# sliding thresholds themselves). The one arena stays: glibc fixes its arena limit when the
+# first thread takes one.
+_GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20),
+                   (_M_TRIM_THRESHOLD, 64 << 20))
 # A step's freed buffers are at most what the process holds; twice that must stay under
 # the machine's memory, with room for the page cache and the rest of the system.
 CROWDED_FRACTION = 0.45
