@@ -27,6 +27,7 @@ import importlib.util
 import os
 import pkgutil
 import sys
+from pathlib import Path
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -97,19 +98,43 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
+def cgroup_limits(hierarchy: Path, cgroup_path: str, limit_file: str) -> list[int]:
+    """The memory limits that bind a process in `cgroup_path` (as /proc/self/cgroup names
+    it) within one mounted hierarchy: its own group's and every ancestor's that sets one."""
+    limits = []
+    group = hierarchy / cgroup_path.strip("/")
+    for directory in (group, *group.parents):
+        try:
+            text = (directory / limit_file).read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            limits.append(int(text))
+        if directory == hierarchy:
+            break
+    return limits
+
+
 def memory_limit_bytes() -> int:
-    """The machine's memory, or the container's limit where that is lower."""
+    """The machine's memory, or the tightest cgroup (v2 or v1) limit on this process."""
     with open("/proc/meminfo") as meminfo:
         total = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1])
-    limit = total * 1024
+    limits = [total * 1024]
     try:
-        with open("/sys/fs/cgroup/memory.max") as cgroup:
-            text = cgroup.read().strip()
-        if text.isdigit():
-            limit = min(limit, int(text))
+        with open("/proc/self/cgroup") as cgroup:
+            lines = [line.rstrip("\n").split(":", 2) for line in cgroup]
     except OSError:
-        pass
-    return limit
+        lines = []
+    for fields in lines:
+        if len(fields) != 3:
+            continue
+        hierarchy_id, controllers, path = fields
+        if hierarchy_id == "0" and not controllers:
+            limits += cgroup_limits(Path("/sys/fs/cgroup"), path, "memory.max")
+        elif "memory" in controllers.split(","):
+            limits += cgroup_limits(Path("/sys/fs/cgroup/memory"), path,
+                                    "memory.limit_in_bytes")
+    return min(limits)
 
 
 def resident_bytes() -> int:

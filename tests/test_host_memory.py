@@ -128,3 +128,25 @@ def test_switch_with_a_bad_value_names_the_variable(monkeypatch):
 def test_jax_platforms_decide_the_backend(monkeypatch, platforms, expected):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert host_memory.jax_runs_on_cpu() is expected
+
+
+def test_cgroup_limits_take_the_process_group_and_its_ancestors(tmp_path):
+    group = tmp_path / "machine.slice" / "job.scope"
+    group.mkdir(parents=True)
+    (tmp_path / "memory.max").write_text("max\n")  # the root sets none
+    (tmp_path / "machine.slice" / "memory.max").write_text("8589934592\n")
+    (group / "memory.max").write_text("4294967296\n")
+    (tmp_path / "machine.slice" / "other.scope").mkdir()
+    (tmp_path / "machine.slice" / "other.scope" / "memory.max").write_text("1024\n")
+    limits = host_memory.cgroup_limits(tmp_path, "/machine.slice/job.scope", "memory.max")
+    assert sorted(limits) == [4294967296, 8589934592]
+    assert host_memory.cgroup_limits(tmp_path, "/", "memory.max") == []
+    assert host_memory.cgroup_limits(tmp_path, "/gone.scope", "memory.max") == []
+    # cgroup v1 names the file differently
+    assert host_memory.cgroup_limits(tmp_path, "/machine.slice", "memory.limit_in_bytes") == []
+
+
+def test_memory_limit_is_at_most_the_machine_memory():
+    with open("/proc/meminfo") as meminfo:
+        total_kib = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1])
+    assert 0 < host_memory.memory_limit_bytes() <= total_kib * 1024
