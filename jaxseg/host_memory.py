@@ -22,6 +22,7 @@ when the process already holds a large share of the memory.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -49,6 +50,7 @@ SWITCH_VARIABLE = "JAXSEG_KEEP_FREED_MEMORY"
 _kept = False
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The process's C library, when it is glibc (musl and macOS have no mallopt)."""
     if not sys.platform.startswith("linux"):
@@ -95,6 +97,11 @@ def keep_freed_memory() -> bool:
     global _kept
     _kept = all(libc.mallopt(option, value) == 1 for option, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NO_TRIMMING)))
+    return _kept
+
+
+def keeps_freed_memory() -> bool:
+    """Whether the tuning is in force (applied, and not fallen back)."""
     return _kept
 
 
@@ -152,16 +159,15 @@ def fall_back_if_crowded(limit_bytes: int | None = None) -> bool:
     limit = memory_limit_bytes() if limit_bytes is None else limit_bytes
     if resident_bytes() <= CROWDED_FRACTION * limit:
         return False
-    libc = _glibc()
     for option, value in _GLIBC_DEFAULTS:
-        libc.mallopt(option, value)
-    libc.malloc_trim(0)
+        _glibc().mallopt(option, value)
+    release_freed_memory()
     _kept = False
     return True
 
 
 def release_freed_memory() -> None:
-    """Returns every free page of the heap to the system (a no-op off glibc)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    """Returns every free page of the heap to the system; nothing to do unless freed
+    memory is being kept (glibc's defaults return large blocks on their own)."""
+    if _kept:
+        _glibc().malloc_trim(0)

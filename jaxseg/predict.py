@@ -409,11 +409,12 @@ def main(argv: list[str]) -> None:
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
                              config.tile_size, config.reduction)
     predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
-    # One batch first (it compiles the program): with the step's buffers allocated once,
-    # the process knows whether it has room to keep them (host_memory.fall_back_if_crowded).
-    jax.block_until_ready(predict_fn(
-        np.zeros((global_batch, ensemble.tile, ensemble.tile, 3), np.uint8)))
-    host_memory.fall_back_if_crowded()
+    if host_memory.keeps_freed_memory():
+        # One batch first (it compiles the program): with its buffers allocated once, the
+        # process knows whether it has room to keep them.
+        jax.block_until_ready(predict_fn(
+            np.zeros((global_batch, ensemble.tile, ensemble.tile, 3), np.uint8)))
+        host_memory.fall_back_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(config.overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold)

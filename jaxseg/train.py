@@ -184,8 +184,8 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
 
         for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
             state, metrics = step_fn(state, batch, learning_rate)
-            if step == 0:  # the step's buffers have now been allocated once
-                jax.block_until_ready(metrics)
+            if step == 0 and host_memory.keeps_freed_memory():
+                jax.block_until_ready(metrics)  # the step's buffers, allocated once
                 host_memory.fall_back_if_crowded()
             if pending is not None:
                 consume(*pending)
