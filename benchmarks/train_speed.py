@@ -13,7 +13,8 @@ batch, and predict batches of the same size:
   `train_on_batch` and `predict` (float32 only);
 - smp runs segmentation_models_pytorch's Unet (encoder 'efficientnet-bN', the same
   architecture) with torch Adam and `smp.losses.DiceLoss('binary')`, on CUDA when there
-  is one, bfloat16 through autocast with --half_precision.
+  is one, bfloat16 through autocast with --half_precision, eagerly or (--torch_compile)
+  through torch.compile.
 
 Each framework lives in its own subprocess (their thread pools would compete inside one
 process, and each process's peak memory is then its own). All are built, compiled and
@@ -63,6 +64,8 @@ _HALF_PRECISION = flags.DEFINE_boolean("half_precision", False,
                                        "bfloat16 compute (jaxseg dtype, smp autocast)")
 _CHANNELS_LAST = flags.DEFINE_boolean("channels_last", True, "smp: channels_last memory "
                                       "format (PyTorch's advice for convolutions on GPU)")
+_TORCH_COMPILE = flags.DEFINE_boolean("torch_compile", False, "smp: run the model through "
+                                     "torch.compile (the warm-up steps compile it)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "the machine's peak for the dtype "
                                   "used, to report model FLOP utilisation")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "also write the results to this file")
@@ -78,7 +81,7 @@ _WORKER = flags.DEFINE_enum("worker", None, FRAMEWORKS, "internal: serve one fra
 _OTHER_LOAD_WARNING = 0.05
 _WORKER_FLAGS = ("backbone", "image_size", "batch_size", "warmup_steps", "steps_per_round",
                  "tasks", "conv_impl", "depthwise_impl", "upsample_impl", "batchnorm_impl", "remat",
-                 "half_precision", "channels_last")
+                 "half_precision", "channels_last", "torch_compile")
 
 
 def _peak_rss_mib() -> float:
@@ -204,6 +207,7 @@ def _smp_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
                      encoder_weights=None, classes=1)
     model = model.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-7)
+    forward = torch.compile(model) if _TORCH_COMPILE.value else model
     loss_fn = smp.losses.DiceLoss("binary", from_logits=True)
     images, masks = _random_batch(_BATCH_SIZE.value, _IMAGE_SIZE.value)
     windows = images.astype(np.uint8)
@@ -221,7 +225,7 @@ def _smp_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
         model.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            logits = model(image_batch)
+            logits = forward(image_batch)
         loss = loss_fn(logits.float(), mask_batch)
         loss.backward()
         optimizer.step()
@@ -231,10 +235,11 @@ def _smp_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     def predict_step() -> None:
         model.eval()
         with autocast:
-            last["predict"] = torch.sigmoid(model(to_device(windows).float()))
+            last["predict"] = torch.sigmoid(forward(to_device(windows).float()))
 
     facts = {"devices": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-             "torch": torch.__version__, "smp": smp.__version__}
+             "torch": torch.__version__, "smp": smp.__version__,
+             "torch_compile": _TORCH_COMPILE.value}
 
     def wait() -> None:
         if "train" in last and not np.isfinite(float(last.pop("train"))):
