@@ -545,17 +545,76 @@ def _fold_taps(kernel: jax.Array, phase: int, axis: int) -> jax.Array:
     return jnp.concatenate(pair, axis=axis)
 
 
+# From this side (of the low-resolution map) up, the four phases run forward as one
+# convolution with 4x the output channels over the map padded by one on every side: it
+# computes (h+1)(w+1) positions for h*w outputs, at most 6% extra, and runs 1.1-1.8x
+# faster on XLA:CPU than four convolutions with few output channels each; on smaller maps
+# the four are faster. The gradient always comes from the four: XLA:CPU runs the one
+# convolution's gradients up to 2x slower than theirs (BENCHMARKS.md).
+ONE_CONV_MIN_SIDE = 32
+
+
 def folded_upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3x3 'SAME' convolution of nearest-2x-upsampled NHWC `x`, computed as one 2x2
     convolution of `x` per output phase (kernel taps summed in `kernel`'s dtype, then
     cast to `x`'s), interleaved: 4 instead of 9 multiply-adds per output pixel and input
     channel, and no upsampled copy of `x`."""
-    batch, height, width, _ = x.shape
-    phases = [[_conv_same(x, _fold_taps(_fold_taps(kernel, row, 0), col, 1).astype(x.dtype),
-                          (_FOLD_PADDING[row], _FOLD_PADDING[col]))
-               for col in range(2)] for row in range(2)]
+    return _folded_upsample_conv(x, _per_device_like(kernel, x))
+
+
+def _phase_kernels(kernel: jax.Array, dtype: Any) -> list[list[jax.Array]]:
+    return [[_fold_taps(_fold_taps(kernel, row, 0), col, 1).astype(dtype) for col in range(2)]
+            for row in range(2)]
+
+
+def _interleave_phases(phases: list[list[jax.Array]]) -> jax.Array:
+    batch, height, width, features = phases[0][0].shape
     interleaved = jnp.stack([jnp.stack(row_phases, axis=3) for row_phases in phases], axis=2)
-    return interleaved.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+    return interleaved.reshape(batch, 2 * height, 2 * width, features)
+
+
+def _phase_convs(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    kernels = _phase_kernels(kernel, x.dtype)
+    return _interleave_phases([
+        [_conv_same(x, kernels[row][col], (_FOLD_PADDING[row], _FOLD_PADDING[col]))
+         for col in range(2)] for row in range(2)])
+
+
+def _phases_as_one_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Phase (a, b) at low-resolution pixel (i, j) is the 2x2 window at (i+a, j+b) of
+    `x` padded by one on every side (see _FOLD_PADDING), so all four are one 2x2 'VALID'
+    convolution of that map with the four phase kernels side by side."""
+    _, height, width, _ = x.shape
+    features = kernel.shape[-1]
+    kernels = _phase_kernels(kernel, x.dtype)
+    stacked = jnp.concatenate([k for row_kernels in kernels for k in row_kernels], axis=-1)
+    y = _conv_same(x, stacked, ((1, 1), (1, 1)))
+    return _interleave_phases([
+        [y[:, row:row + height, col:col + width,
+           (2 * row + col) * features:(2 * row + col + 1) * features] for col in range(2)]
+        for row in range(2)])
+
+
+@jax.custom_vjp
+def _folded_upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if min(x.shape[1:3]) >= ONE_CONV_MIN_SIDE:
+        return _phases_as_one_conv(x, kernel)
+    return _phase_convs(x, kernel)
+
+
+def _folded_upsample_conv_fwd(x: jax.Array, kernel: jax.Array
+                              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _folded_upsample_conv(x, kernel), (x, kernel)
+
+
+def _folded_upsample_conv_bwd(residuals: tuple[jax.Array, jax.Array],
+                              grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    _, transpose = jax.vjp(_phase_convs, x, kernel)  # XLA drops the unused forward
+    return transpose(grad)
+
+
+_folded_upsample_conv.defvjp(_folded_upsample_conv_fwd, _folded_upsample_conv_bwd)
 
 
 class UpsampleConcatConv(nn.Module):

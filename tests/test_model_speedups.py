@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxseg import parallel
+from jaxseg import models, parallel
 from jaxseg.models import (DepthwiseConv, FusedBatchNorm, Unet, UpsampleConcatConv,
                            pointwise_conv_as_matmul, random_variables, resolve_batchnorm_impl,
                            resolve_conv_impl, resolve_depthwise_impl, resolve_upsample_impl)
@@ -83,9 +83,12 @@ def test_pointwise_conv_as_matmul_refuses_other_kernels():
                 jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("one_conv_min_side", [1, 10**6], ids=["one_conv", "four_convs"])
 @pytest.mark.parametrize("skip_channels", [0, 5])
 @pytest.mark.parametrize("height,width", [(3, 5), (4, 4), (1, 2)])
-def test_folded_upsample_conv_matches_upsample_then_conv(skip_channels, height, width):
+def test_folded_upsample_conv_matches_upsample_then_conv(skip_channels, height, width,
+                                                         one_conv_min_side, monkeypatch):
+    monkeypatch.setattr(models, "ONE_CONV_MIN_SIDE", one_conv_min_side)
     x = jax.random.normal(jax.random.key(0), (2, height, width, 6))
     skip = (jax.random.normal(jax.random.key(1), (2, 2 * height, 2 * width, skip_channels))
             if skip_channels else None)
