@@ -558,7 +558,8 @@ def folded_upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3x3 'SAME' convolution of nearest-2x-upsampled NHWC `x`, computed as one 2x2
     convolution of `x` per output phase (kernel taps summed in `kernel`'s dtype, then
     cast to `x`'s), interleaved: 4 instead of 9 multiply-adds per output pixel and input
-    channel, and no upsampled copy of `x`."""
+    channel, and no upsampled copy of `x`. From ONE_CONV_MIN_SIDE up, the forward runs
+    the four as one convolution."""
     return _folded_upsample_conv(x, _per_device_like(kernel, x))
 
 
