@@ -142,20 +142,24 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
         ensemble, "none", _BATCH_SIZE.value // jax.local_device_count())
     windows = images.astype(np.uint8)
     last = {}
+    first_step_pending = set(TASKS)
 
     def train_step() -> None:
         nonlocal state
         state, last["train"] = step(state, batch, learning_rate)
 
     def wait() -> None:
+        ran = set(last)
         if "train" in last:
             loss = float(last.pop("train")["loss"])
             if not np.isfinite(loss):
                 raise FloatingPointError(f"jaxseg loss is {loss}")
         if "predict" in last:
             jax.block_until_ready(last.pop("predict"))
-        if host_memory.fall_back_if_crowded():  # as `jaxseg.train` does after a first step
-            facts["keeps_freed_memory"] = False
+        if ran & first_step_pending:  # as jaxseg.train and jaxseg.predict do after a first step
+            first_step_pending.difference_update(ran)
+            if host_memory.fall_back_if_crowded():
+                facts["keeps_freed_memory"] = False
 
     def device_peak() -> None:
         stats = jax.devices()[0].memory_stats()
