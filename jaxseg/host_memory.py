@@ -15,9 +15,12 @@ leftovers cannot pile up. Nothing here changes what is computed.
 
 The price is fragmentation: when a small block lands inside a freed step buffer, the next
 step's buffer no longer fits there and the heap grows by a second one. On a machine where
-a second copy would not fit (b5 at 512 px batch 8 holds 16 GB of 24), that is an out-of-
-memory kill, so `fall_back_if_crowded` restores glibc's defaults after a phase's first step
-when the process already holds a large share of the memory.
+a second copy would not fit (b5 at 512 px batch 8 holds 17 GB of 24), that is an out-of-
+memory kill. So after a phase's first step `guard_if_crowded` checks whether the process
+holds a large share of the memory, and if so every later step program (`with_room`, which
+`parallel.data_parallel` applies) first waits for the step before it and runs `make_room`:
+the freed memory is kept only while malloc is bound to serve the next buffer from the top
+of the heap, whose pages are the previous buffer's; otherwise the free pages go back first.
 """
 from __future__ import annotations
 
@@ -27,8 +30,11 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -46,8 +52,22 @@ _GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20),
 # the machine's memory, with room for the page cache and the rest of the system.
 CROWDED_FRACTION = 0.45
 
+# How long `make_room` waits for the previous step's buffer to be freed: XLA:CPU frees it
+# on its own thread, up to about 0.13 s after the step's outputs are ready (b5 512 batch 8).
+ROOM_WAIT_S = 0.5
+
 SWITCH_VARIABLE = "JAXSEG_KEEP_FREED_MEMORY"
 _kept = False
+_guarding = False
+_last_outputs: Any = None  # of the last guarded program call, awaited before the next one
+_held_chunks: list[int] = []  # kept out of malloc's reach by make_room
+MAX_HELD_CHUNKS = 2
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
 
 
 @functools.cache
@@ -149,21 +169,119 @@ def resident_bytes() -> int:
         return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
-def fall_back_if_crowded(limit_bytes: int | None = None) -> bool:
-    """Restores glibc's defaults when the process holds over CROWDED_FRACTION of the
-    memory; True when it did. Call it after a phase's first step has finished, when the
-    step's buffers have been allocated once (and are free and resident)."""
-    global _kept
-    if not _kept:
+def _can_guard() -> bool:
+    """Whether glibc reports its heap as `make_room` reads it (mallinfo2: glibc 2.33)."""
+    libc = _glibc()
+    return libc is not None and all(hasattr(libc, name) for name in (
+        "mallinfo2", "malloc_info", "open_memstream", "fclose", "free"))
+
+
+def heap_top_bytes() -> int:
+    """Size of the free chunk at the top of the heap, which malloc extends in place."""
+    libc = _glibc()
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().keepcost
+
+
+def largest_binned_chunk_bytes() -> int:
+    """The largest free chunk anywhere but the heap's top, from malloc_info's report."""
+    libc = _glibc()
+    libc.open_memstream.restype = ctypes.c_void_p
+    text, size = ctypes.c_char_p(), ctypes.c_size_t()
+    stream = ctypes.c_void_p(libc.open_memstream(ctypes.byref(text), ctypes.byref(size)))
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    report = ctypes.string_at(text, size.value).decode()
+    libc.free(text)
+    return max(map(int, re.findall(r'<(?:size|unsorted) from="\d+" to="(\d+)"', report)),
+               default=0)
+
+
+def top_serves(buffer_bytes: int) -> bool:
+    """Whether malloc will take a buffer of this size from the heap's top: it looks in its
+    bins first (best fit), and a binned chunk may have given its pages back."""
+    return heap_top_bytes() >= buffer_bytes and largest_binned_chunk_bytes() < buffer_bytes
+
+
+def make_room(buffer_bytes: int) -> bool:
+    """Before a step that allocates `buffer_bytes` while guarding: keeps the freed memory
+    if the step will reuse the top of the heap, else returns the heap's free pages, so the
+    step's fresh pages cannot come on top of resident free ones. True when it returned.
+
+    A binned chunk that could take the buffer is then held (its pages returned, so it
+    costs address space only): the step's buffer comes from the top of the heap instead,
+    and, freed, merges back into it, where the next step finds it."""
+    deadline = time.monotonic() + ROOM_WAIT_S
+    while True:
+        binned = largest_binned_chunk_bytes()
+        if heap_top_bytes() >= buffer_bytes and binned < buffer_bytes:
+            return False
+        if binned >= buffer_bytes or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
+    libc = _glibc()
+    libc.malloc_trim(0)
+    if binned >= buffer_bytes and len(_held_chunks) < MAX_HELD_CHUNKS:
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        _held_chunks.append(libc.malloc(buffer_bytes))
+    return True
+
+
+def guard_if_crowded(limit_bytes: int | None = None) -> bool:
+    """When the process holds over CROWDED_FRACTION of the memory, makes every later step
+    find room first (`with_room`); where glibc cannot report its heap, restores glibc's
+    defaults instead. True when the process is crowded. Call it after a phase's first step
+    has finished, when the step's buffers have been allocated once (free and resident)."""
+    global _kept, _guarding
+    if not _kept or _guarding:
         return False
     limit = memory_limit_bytes() if limit_bytes is None else limit_bytes
     if resident_bytes() <= CROWDED_FRACTION * limit:
         return False
+    if _can_guard():
+        _guarding = True
+        return True
     for option, value in _GLIBC_DEFAULTS:
         _glibc().mallopt(option, value)
+    # Trimming before XLA:CPU has freed the step's buffer would leave it resident beside
+    # the next step's fresh mapping: b5 512 batch 8 was killed for memory so on 24 GB.
+    time.sleep(ROOM_WAIT_S)
     release_freed_memory()
     _kept = False
     return True
+
+
+def guarding() -> bool:
+    return _guarding
+
+
+def with_room(program: Callable) -> Callable:
+    """`program` (a jitted step, with `lower`) that, while guarding, first waits for the
+    last guarded call to finish and makes room for its own temporary buffer."""
+    temp_bytes: list[int] = []
+
+    def call(*args: Any) -> Any:
+        global _last_outputs
+        if _guarding:
+            import jax  # here, not at import: JAX must not start before keep_freed_memory
+
+            if _last_outputs is not None:
+                jax.block_until_ready([leaf for leaf in jax.tree.leaves(_last_outputs)
+                                       if not leaf.is_deleted()])
+                _last_outputs = None
+            if not temp_bytes:  # compiled already: the jit cache answers
+                analysis = program.lower(*args).compile().memory_analysis()
+                temp_bytes.append(analysis.temp_size_in_bytes if analysis else 0)
+            if temp_bytes[0]:
+                make_room(temp_bytes[0])
+        outputs = program(*args)
+        if _guarding:
+            _last_outputs = outputs
+        return outputs
+
+    call.lower = program.lower
+    return call
 
 
 def release_freed_memory() -> None:

@@ -360,7 +360,7 @@ def predict_to_csv(paths: list[Path], predict_fn: stitch.PredictFn, options: Sli
                         write_overlay(slide, mask, options.reduction,
                                       Path(overlays) / f"{path.stem}.png")
                 del mask
-                host_memory.fall_back_if_crowded()
+                host_memory.guard_if_crowded()
                 host_memory.release_freed_memory()
         os.replace(tmp, out)
     finally:
@@ -414,7 +414,7 @@ def main(argv: list[str]) -> None:
         # process knows whether it has room to keep them.
         jax.block_until_ready(predict_fn(
             np.zeros((global_batch, ensemble.tile, ensemble.tile, 3), np.uint8)))
-        host_memory.fall_back_if_crowded()
+        host_memory.guard_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(config.overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold)

@@ -186,7 +186,7 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
             state, metrics = step_fn(state, batch, learning_rate)
             if step == 0 and host_memory.keeps_freed_memory():
                 jax.block_until_ready(metrics)  # the step's buffers, allocated once
-                host_memory.fall_back_if_crowded()
+                host_memory.guard_if_crowded()
             if pending is not None:
                 consume(*pending)
             pending = (step, metrics)

@@ -77,32 +77,128 @@ def test_freed_block_is_reused_not_mapped_again_and_released_on_request():
 
 
 _CROWDED_PROBE = """
+import json, sys
+from jaxseg import host_memory
+host_memory.keep_freed_memory()
+if sys.argv[1] == "no_heap_report":  # a glibc before 2.33 has no mallinfo2
+    host_memory._can_guard = lambda: False
+""" + _HELPERS + """
+round_trip()
+resident = host_memory.resident_bytes()
+roomy = host_memory.guard_if_crowded(limit_bytes=4 * resident)
+crowded = host_memory.guard_if_crowded(limit_bytes=2 * resident)
+after = host_memory.resident_bytes()
+print(json.dumps({"roomy": roomy, "crowded": crowded, "freed_mib": (resident - after) / 2**20,
+                  "mapped_mib_after": round_trip(), "kept": host_memory.keeps_freed_memory(),
+                  "guarding": host_memory.guarding(),
+                  "again": host_memory.guard_if_crowded(limit_bytes=1)}))
+"""
+
+
+def _crowded_probe(case: str) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop(host_memory.SWITCH_VARIABLE, None)
+    completed = subprocess.run([sys.executable, "-c", _CROWDED_PROBE, case], env=env,
+                               capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_crowded_process_keeps_freed_memory_under_guard():
+    result = _crowded_probe("glibc")
+    # Holding a quarter of the limit is room enough; half of it is crowded.
+    assert not result["roomy"] and result["crowded"]
+    assert result["kept"] and result["guarding"]
+    assert result["freed_mib"] < 50  # nothing given back yet: make_room decides per step
+    assert result["mapped_mib_after"] < 16  # large blocks still come from the heap
+    assert not result["again"]  # once guarding, it stays so
+
+
+def test_crowded_process_without_heap_report_falls_back_to_glibc_defaults():
+    result = _crowded_probe("no_heap_report")
+    assert not result["roomy"] and result["crowded"]
+    assert not result["kept"] and not result["guarding"]
+    assert result["freed_mib"] > 200  # the kept block went back at once
+    assert result["mapped_mib_after"] >= 256  # and large blocks are mapped afresh again
+    assert not result["again"]
+
+
+# Three layouts of a freed 256 MiB step buffer, as a step and the threads beside it leave
+# the heap. Blocks allocated after the buffer sit above it; freeing the one at the top merges
+# it into the heap's top chunk.
+_ROOM_PROBE = """
 import json
 from jaxseg import host_memory
 host_memory.keep_freed_memory()
 """ + _HELPERS + """
-round_trip()
-resident = host_memory.resident_bytes()
-roomy = host_memory.fall_back_if_crowded(limit_bytes=4 * resident)
-crowded = host_memory.fall_back_if_crowded(limit_bytes=2 * resident)
-after = host_memory.resident_bytes()
-print(json.dumps({"roomy": roomy, "crowded": crowded, "freed_mib": (resident - after) / 2**20,
-                  "mapped_mib_after": round_trip(),
-                  "again": host_memory.fall_back_if_crowded(limit_bytes=1)}))
+SIZE = 256 << 20
+def touched(size):
+    block = libc.malloc(size)
+    libc.memset(block, 1, size)
+    return block
+
+def case(free_order):
+    blocks = {"buffer": touched(SIZE), "above": touched(64 << 20), "last": touched(SIZE)}
+    for name in free_order:
+        libc.free(blocks.pop(name))
+    before = host_memory.resident_bytes()
+    result = {"top_serves": host_memory.top_serves(SIZE), "trimmed": host_memory.make_room(SIZE),
+              "released_mib": (before - host_memory.resident_bytes()) / 2**20}
+    libc.free(touched(SIZE))  # the step
+    result["then_top_serves"] = host_memory.top_serves(SIZE)
+    for block in blocks.values():
+        libc.free(block)
+    host_memory.release_freed_memory()
+    return result
+
+print(json.dumps({
+    # the buffer merged into the top: the next one reuses its resident pages
+    "at_top": case(["last"]),
+    # the buffer below a live block: a small block may split it, and the next buffer would
+    # then come fresh from the top on top of these resident pages
+    "in_a_bin": case(["buffer"]),
+    # one at the top and one as large in a bin: malloc takes the binned one first (best fit)
+    "both": case(["buffer", "last"]),
+}))
 """
 
 
-def test_crowded_process_falls_back_to_glibc_defaults():
+def test_make_room_keeps_only_a_buffer_the_top_of_the_heap_will_serve():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop(host_memory.SWITCH_VARIABLE, None)
-    completed = subprocess.run([sys.executable, "-c", _CROWDED_PROBE], env=env,
+    completed = subprocess.run([sys.executable, "-c", _ROOM_PROBE], env=env,
                                capture_output=True, text=True, check=True)
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    # Holding a quarter of the limit is room enough; half of it is crowded.
-    assert not result["roomy"] and result["crowded"]
-    assert result["freed_mib"] > 200  # the kept block went back at once
-    assert result["mapped_mib_after"] >= 256  # and large blocks are mapped afresh again
-    assert not result["again"]  # once fallen back, it stays so
+    assert result["at_top"]["top_serves"] and not result["at_top"]["trimmed"]
+    assert result["at_top"]["released_mib"] < 16
+    for layout in ("in_a_bin", "both"):
+        assert not result[layout]["top_serves"] and result[layout]["trimmed"], layout
+        assert result[layout]["released_mib"] > 200, layout
+    # The binned chunk is held, so the step's buffer came from the top and went back there.
+    assert all(case["then_top_serves"] for case in result.values())
+
+
+def test_with_room_makes_room_for_the_program_buffer_only_while_guarding(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    program = jax.jit(lambda x: jnp.sort(jnp.sin(x) * 2.0) + jnp.cumsum(jnp.cos(x)))
+    x = np.arange(4096, dtype=np.float32)
+    expected_bytes = program.lower(x).compile().memory_analysis().temp_size_in_bytes
+    asked = []
+    monkeypatch.setattr(host_memory, "make_room", asked.append)
+    guarded = host_memory.with_room(program)
+    assert guarded.lower == program.lower
+    assert expected_bytes > 0
+    monkeypatch.setattr(host_memory, "_guarding", False)
+    np.testing.assert_array_equal(guarded(x), program(x))
+    assert asked == []
+    monkeypatch.setattr(host_memory, "_guarding", True)
+    monkeypatch.setattr(host_memory, "_last_outputs", None)
+    for _ in range(2):
+        np.testing.assert_array_equal(guarded(x), program(x))
+    assert asked == [expected_bytes, expected_bytes]
+    assert host_memory._last_outputs is not None  # the next call waits for this one
 
 
 def test_glibc_defaults_map_every_round():
