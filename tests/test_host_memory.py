@@ -13,6 +13,8 @@ import pytest
 from jaxseg import host_memory
 
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc")
+needs_heap_report = pytest.mark.skipif(not host_memory._can_guard(),
+                                       reason="needs glibc 2.33 (mallinfo2)")
 
 # Plain malloc, as XLA:CPU allocates. What is checked is whether glibc maps a large block on
 # its own (mallinfo2's hblkhd: bytes in mmapped blocks) and what stays resident; page
@@ -103,6 +105,7 @@ def _crowded_probe(case: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@needs_heap_report
 def test_crowded_process_keeps_freed_memory_under_guard():
     result = _crowded_probe("glibc")
     # Holding a quarter of the limit is room enough; half of it is crowded.
@@ -162,6 +165,7 @@ print(json.dumps({
 """
 
 
+@needs_heap_report
 def test_make_room_keeps_only_a_buffer_the_top_of_the_heap_will_serve():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop(host_memory.SWITCH_VARIABLE, None)
