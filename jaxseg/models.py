@@ -695,8 +695,9 @@ def _decoder_stage(decoder: UnetDecoder, x: jax.Array, skip: jax.Array | None, n
 class Unet(nn.Module):
     """segmentation_models' Unet on an EfficientNet encoder.
 
-    Takes float NHWC images on 0..255 and returns float32 logits (N, H, W, classes); the
-    sigmoid belongs to the loss and the predictor. `normalize_input` applies
+    Takes float NHWC images on 0..255 and returns float32 logits (N, H, W, classes), or
+    float64 ones when it computes in float64 (the tests' exact reference); the sigmoid
+    belongs to the loss and the predictor. `normalize_input` applies
     segmentation_models' 'torch' preprocessing (x/255, ImageNet mean/std), which the
     recipe never did but keras.applications' ImageNet weights expect. Parameters stay
     float32 whatever the compute `dtype`.
@@ -738,7 +739,7 @@ class Unet(nn.Module):
         logits = UnetDecoder(self.decoder_filters, self.classes, self.dtype, self.bn_axis_name,
                              self.upsample_impl, self.remat, self.batchnorm_impl,
                              name="decoder")(features, train)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def count_weights(variables: dict) -> int:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg.models import (BACKBONES, DepthwiseConv, Unet, block_args, count_weights,
+from jaxseg.models import (BACKBONES, Unet, block_args, count_weights,
                            random_variables, round_filters, round_repeats)
 
 # EfficientNet-B0..B7 stem and top widths and B5's repeats per stage, as the papers'
@@ -65,24 +65,6 @@ def test_b5_unet_layout_is_the_recipes():
             for stage in range(5)] == [3104, 640, 368, 208, 32]
     assert params["decoder"]["final_conv"]["kernel"].shape == (3, 3, 16, 1)
     assert params["decoder"]["final_conv"]["bias"].shape == (1,)
-
-
-@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
-@pytest.mark.parametrize("height,width", [(13, 10), (16, 12)])
-def test_depthwise_impls_agree_with_gradients(kernel_size, stride, height, width):
-    x = jax.random.normal(jax.random.key(1), (2, height, width, 6))
-    native, shifted = (DepthwiseConv(kernel_size, stride, impl) for impl in ("native", "shifted"))
-    variables = native.init(jax.random.key(2), x)
-    weights = jax.random.normal(jax.random.key(3), (2, -(-height // stride), -(-width // stride), 6))
-
-    def loss(layer, variables, x):
-        return jnp.sum(layer.apply(variables, x) * weights)
-
-    expected, shifted_out = (jax.jit(layer.apply)(variables, x) for layer in (native, shifted))
-    np.testing.assert_allclose(shifted_out, expected, rtol=1e-5, atol=1e-5)
-    grads = [jax.jit(jax.grad(functools.partial(loss, layer), argnums=(0, 1)))(variables, x)
-             for layer in (native, shifted)]
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4), *grads)
 
 
 def test_bad_arguments_are_refused_with_their_value():
