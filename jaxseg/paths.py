@@ -52,10 +52,12 @@ def glob(pattern: str) -> list[epath.Path]:
     component after the bucket, as in a local pattern."""
     if not is_remote(pattern):
         return sorted(path(match) for match in glob_lib.glob(pattern))
-    parts = pattern.split("/")
+    parts = pattern.split("/")   # scheme:, "", bucket, ...
     wild = [index for index, part in enumerate(parts) if _GLOB_CHARACTERS & set(part)]
     if not wild:
         return [path(pattern)] if path(pattern).exists() else []
+    if wild[0] < 3:
+        raise ValueError(f"{pattern}: wildcards are taken after the bucket name, not in it")
     root = path("/".join(parts[:wild[0]]))
     return sorted(root.glob("/".join(parts[wild[0]:])))
 

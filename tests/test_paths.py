@@ -44,3 +44,8 @@ def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
     assert str(paths.path("gs://bucket/run") / "fold_0") == "gs://bucket/run/fold_0"
     assert str(paths.absolute("run")) == str(tmp_path / "run")
     assert paths.is_remote("gs://bucket/run") and not paths.is_remote(tmp_path)
+
+
+def test_a_wildcard_in_a_bucket_name_is_refused_before_any_request():
+    with pytest.raises(ValueError, match="after the bucket name"):
+        paths.glob("gs://runs-*/images/*.png")
