@@ -13,19 +13,21 @@ which compiles one small program per array shape (a minute per process on CPU).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager
 
+from jaxseg import paths
+
 BEST_METRIC = "val_dice_coe"
 
 
 class FoldCheckpoints:
-    def __init__(self, fold_dir: str | Path):
-        fold_dir = Path(fold_dir).absolute()
+    def __init__(self, fold_dir: str | os.PathLike):
+        fold_dir = paths.absolute(fold_dir)
         self._best = ocp.CheckpointManager(
             fold_dir / "best",
             options=ocp.CheckpointManagerOptions(
@@ -71,20 +73,20 @@ class FoldCheckpoints:
         self._latest.close()
 
 
-def has_latest(fold_dir: str | Path) -> bool:
+def has_latest(fold_dir: str | os.PathLike) -> bool:
     """Whether the fold holds a complete latest checkpoint (what a kill mid-save leaves
     does not count)."""
-    return bool(ocp.utils.checkpoint_steps(Path(fold_dir).absolute() / "latest"))
+    return bool(ocp.utils.checkpoint_steps(paths.absolute(fold_dir) / "latest"))
 
 
-def load_best_variables(fold_dir: str | Path) -> dict:
+def load_best_variables(fold_dir: str | os.PathLike) -> dict:
     """The best model variables of a finished fold, as host arrays (for prediction).
 
     The newest step is the best: one is only saved when the validation Dice improves
     (an older one may linger if a kill cut its deletion short). Read without a
     CheckpointManager, whose read-only mode logs three warnings per fold.
     """
-    best_dir = Path(fold_dir).absolute() / "best"
+    best_dir = paths.absolute(fold_dir) / "best"
     if not best_dir.is_dir():
         raise FileNotFoundError(f"{fold_dir}: no best checkpoint (expected {best_dir})")
     saved_steps = ocp.utils.checkpoint_steps(best_dir)

@@ -74,9 +74,12 @@ def run_main(main: Callable[[list[str]], None]) -> None:
     """
     from absl import app, logging
 
+    from jaxseg import paths
+
     def guarded(argv: list[str]) -> None:
         # Orbax and TensorFlow log every checkpoint step at INFO; keep warnings only.
         logging.set_verbosity(logging.WARNING)
+        paths.setup_emulator_env()
         try:
             main(argv)
         except USER_ERRORS as error:

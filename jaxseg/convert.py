@@ -10,12 +10,11 @@ and the first layer that does not fit is named in the error.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
-import shutil
 import tempfile
-from pathlib import Path
 
 import flax.linen as nn
 import h5py
@@ -26,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import traverse_util
 
-from jaxseg import cli
+from jaxseg import cli, paths
 from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder
 
 VARIABLES_DIR = "variables"
@@ -48,27 +47,34 @@ def read_keras_weights(path: str | os.PathLike) -> StoredWeights:
     ModelCheckpoint (under 'model_weights'). A layer group holding a nested model's
     weights is read by the layer names inside its weight names.
     """
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such Keras weights file")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as error:
-        raise ValueError(f"{path}: not an HDF5 file ({error})") from None
-    with h5:
-        root = h5["model_weights"] if "model_weights" in h5 else h5
-        if "layer_names" not in root.attrs:
-            raise ValueError(f"{path}: no 'layer_names' attribute; expected a tf-keras file "
-                             "written by save_weights('x.h5') or save('x.h5')")
-        weights = {}
-        for layer_name in map(_text, root.attrs["layer_names"]):
-            group = root[layer_name]
-            names = [_text(name) for name in group.attrs.get("weight_names", [])]
-            nested = len({name.split("/")[-2] for name in names if "/" in name}) > 1
-            for name in names:
-                parts = name.split("/")
-                layer = parts[-2] if nested else layer_name
-                weights[(layer, parts[-1].split(":")[0])] = np.asarray(group[name], np.float32)
+    # h5py reads a bucket's file through the file object, by ranged reads.
+    with (path.open("rb") if paths.is_remote(path) else contextlib.nullcontext(
+            os.fspath(path))) as source:
+        try:
+            h5 = h5py.File(source, "r")
+        except OSError as error:
+            raise ValueError(f"{path}: not an HDF5 file ({error})") from None
+        with h5:
+            return _read_layers(h5, path)
+
+
+def _read_layers(h5: h5py.File, path: paths.Path) -> StoredWeights:
+    root = h5["model_weights"] if "model_weights" in h5 else h5
+    if "layer_names" not in root.attrs:
+        raise ValueError(f"{path}: no 'layer_names' attribute; expected a tf-keras file "
+                         "written by save_weights('x.h5') or save('x.h5')")
+    weights = {}
+    for layer_name in map(_text, root.attrs["layer_names"]):
+        group = root[layer_name]
+        names = [_text(name) for name in group.attrs.get("weight_names", [])]
+        nested = len({name.split("/")[-2] for name in names if "/" in name}) > 1
+        for name in names:
+            parts = name.split("/")
+            layer = parts[-2] if nested else layer_name
+            weights[(layer, parts[-1].split(":")[0])] = np.asarray(group[name], np.float32)
     return weights
 
 
@@ -178,32 +184,38 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
     """Writes `out/variables` (orbax) and `out/meta.json`; returns the meta.
 
     Everything is written into a hidden sibling directory renamed to `out` at the end, so
-    a failure never leaves a partial `out` for training to pick up. `normalize_input` in
-    the meta says the file came from a model that normalised its input itself
-    (keras.applications): train such weights with `Unet(normalize_input=True)`.
+    a failure never leaves a partial `out` for training to pick up. A bucket cannot
+    rename a directory: there `out` is written in place, `meta.json` last (without it
+    `load_converted` refuses the directory), and removed again on failure.
+    `normalize_input` in the meta says the file came from a model that normalised its
+    input itself (keras.applications): train such weights with
+    `Unet(normalize_input=True)`.
     """
-    out = Path(out).absolute()
+    out = paths.absolute(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; remove it or choose another --out")
     variables, found = _convert(keras_weights, backbone, seed)
-    meta = {"backbone": backbone, "source": str(Path(keras_weights).absolute()), **found}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    meta = {"backbone": backbone, "source": str(paths.absolute(keras_weights)), **found}
+    paths.make_parent(out)
+    staging = out if paths.is_remote(out) else paths.path(
+        tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, variables)
             checkpointer.wait_until_finished()
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        staging.rename(out)
+        if staging != out:
+            staging.rename(out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.rmtree()
         raise
     return meta
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     """(variables, meta) written by `convert_to_dir`; variables as numpy arrays."""
-    directory = Path(directory).absolute()
+    directory = paths.absolute(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: no such file; is {directory} a "

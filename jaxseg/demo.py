@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxseg import cli
+from jaxseg import cli, paths
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
 _EPOCHS = flags.DEFINE_integer("epochs", 12, "Training epochs.")
@@ -29,7 +29,7 @@ REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolutio
 MODEL_TILE = TILE_SIZE // REDUCTION
 
 
-def run_stage(title: str, args: list[str], done: Path) -> None:
+def run_stage(title: str, args: list[str], done: paths.Path) -> None:
     """Runs `python -m ...` unless `done` exists; a failing stage ends the demo with its code."""
     print(f"\n== {title}\n$ python {shlex.join(args)}", flush=True)
     if done.exists():
@@ -43,7 +43,10 @@ def run_stage(title: str, args: list[str], done: Path) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    root = Path(_WORKDIR.value)
+    if paths.is_remote(_WORKDIR.value):
+        raise ValueError(f"--workdir={_WORKDIR.value}: the demo makes its synthetic slides "
+                         "on a local disk; give a local directory")
+    root = paths.path(_WORKDIR.value)
     slides, tiles, run = root / "slides", root / "tiles", root / "run"
     submission = root / "submission.csv"
     run_stage("synthetic slides in the competition layout", [

@@ -11,14 +11,13 @@ columns), so shapes come from the slides' headers (`--images`) or from the masks
 from __future__ import annotations
 
 import csv
-import glob
+import os
 import sys
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from jaxseg import rle, slides
+from jaxseg import paths, rle, slides
 
 ID_COLUMN = "id"
 RLE_COLUMNS = ("predicted", "encoding")  # sample_submission.csv, train.csv
@@ -42,14 +41,14 @@ def _dice_from_counts(intersection: int, pred_pixels: int, true_pixels: int) -> 
     return 1.0 if total == 0 else 2.0 * intersection / total
 
 
-def read_rle_csv(path: str | Path) -> dict[str, str]:
+def read_rle_csv(path: str | os.PathLike) -> dict[str, str]:
     """{id: rle} of a `id,predicted` or `id,encoding` CSV."""
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     # A whole-slide RLE is far longer than the csv module's default field limit.
     csv.field_size_limit(2**31 - 1)
-    with path.open(newline="") as file:
+    with paths.open_text(path) as file:
         reader = csv.reader(file)
         header = next(reader, None)
         if (header is None or len(header) != 2 or header[0] != ID_COLUMN
@@ -86,9 +85,9 @@ def _counts_of_masks(pred_rle: str, true_mask: np.ndarray) -> tuple[int, int, in
             int(np.count_nonzero(true)))
 
 
-def find_masks(directory: str | Path) -> dict[str, Path]:
+def find_masks(directory: str | os.PathLike) -> dict[str, paths.Path]:
     """{id: mask file} of a folder of `<id>.png` (or TIFF/JPEG) masks."""
-    directory = Path(directory)
+    directory = paths.path(directory)
     masks = {path.stem: path for path in sorted(directory.iterdir())
              if path.suffix.lower() in slides.IMAGE_SUFFIXES}
     if not masks:
@@ -97,7 +96,7 @@ def find_masks(directory: str | Path) -> dict[str, Path]:
     return masks
 
 
-def read_mask(path: Path) -> np.ndarray:
+def read_mask(path: paths.Path) -> np.ndarray:
     """Bool (H, W) mask: any nonzero channel is glomerulus."""
     with slides.open_mask(path) as mask:
         return mask.read(0, mask.height, 0, mask.width)
@@ -105,17 +104,17 @@ def read_mask(path: Path) -> np.ndarray:
 
 def image_shapes(pattern: str) -> dict[str, Shape]:
     """{file stem: (height, width)} from the headers of the images matching a glob."""
-    paths = sorted(glob.glob(pattern))
-    if not paths:
+    found = paths.glob(pattern)
+    if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
     shapes = {}
-    for path in paths:
+    for path in found:
         with slides.open_slide(path) as slide:
-            shapes[Path(path).stem] = (slide.height, slide.width)
+            shapes[path.stem] = (slide.height, slide.width)
     return shapes
 
 
-def evaluate(pred_csv: str | Path, truth: str | Path,
+def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
              shapes: Mapping[str, Shape] | None = None) -> dict:
     """Per-image Dice of every id in `pred_csv` and their mean (the competition score).
 
@@ -127,7 +126,7 @@ def evaluate(pred_csv: str | Path, truth: str | Path,
     predictions = read_rle_csv(pred_csv)
     if not predictions:
         raise ValueError(f"{pred_csv}: holds no predictions")
-    truth = Path(truth)
+    truth = paths.path(truth)
     shapes = dict(shapes or {})
     masks = find_masks(truth) if truth.is_dir() else None
     true_rles = None if masks is not None else read_rle_csv(truth)
@@ -155,8 +154,8 @@ def evaluate(pred_csv: str | Path, truth: str | Path,
             "unscored_truth_ids": sorted(truth_ids - set(predictions))}
 
 
-def default_out_path(pred_csv: str | Path) -> Path:
-    pred_csv = Path(pred_csv)
+def default_out_path(pred_csv: str | os.PathLike) -> paths.Path:
+    pred_csv = paths.path(pred_csv)
     return pred_csv.with_name(f"{pred_csv.stem}_dice.csv")
 
 
@@ -169,18 +168,15 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_table(result: dict, out: str | Path) -> None:
+def write_table(result: dict, out: str | os.PathLike) -> None:
     """CSV of the per-image rows and a last `mean` row, written whole or not at all."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", newline="") as file:
+    with paths.atomic_open(out) as file:
         writer = csv.writer(file)
         writer.writerow(["id", "dice", "pred_pixels", "true_pixels"])
         for row in result["images"]:
             writer.writerow([row["id"], f"{row['dice']:.6f}", row["pred_pixels"],
                              row["true_pixels"]])
         writer.writerow(["mean", f"{result['mean_dice']:.6f}", "", ""])
-    tmp.replace(out)
 
 
 def define_flags() -> None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import glob
+import io
 import json
 import math
 import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import checkpoints, convert, host_memory, models, parallel, slides, stitch
+from jaxseg import checkpoints, convert, host_memory, models, parallel, paths, slides, stitch
 
 TTA_MODES = ("none", "flips")
 # The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
@@ -61,14 +60,14 @@ class SlideOptions:
     threshold: float
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: paths.Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def read_run_config(run_dir: Path) -> dict:
+def read_run_config(run_dir: paths.Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.json (not a jaxseg.train run "
@@ -76,9 +75,18 @@ def read_run_config(run_dir: Path) -> dict:
     return _read_json(path)
 
 
-def run_reduction(run_dir: Path | None) -> int | None:
-    """The reduction of the run's tiles, from the prepare.json that jaxseg.train keeps."""
-    if run_dir is None or not (run_dir / "prepare.json").is_file():
+def run_reduction(run_dir: paths.Path | None) -> int | None:
+    """The reduction of the run's tiles, from the prepare.json that jaxseg.train keeps.
+
+    A run trained on records made elsewhere has none; the guess that follows is said,
+    since a wrong reduction predicts every slide at the wrong scale.
+    """
+    if run_dir is None:
+        return None
+    if not (run_dir / "prepare.json").is_file():
+        print(f"warning: {run_dir / 'prepare.json'} not found, so the tiles' reduction is "
+              f"unknown; assuming {SEED_REDUCTION} (the seed's). Give --reduction if the "
+              "run's tiles were made otherwise.", file=sys.stderr, flush=True)
         return None
     record = _read_json(run_dir / "prepare.json")
     if "reduction" not in record:
@@ -86,7 +94,7 @@ def run_reduction(run_dir: Path | None) -> int | None:
     return int(record["reduction"])
 
 
-def find_fold_dirs(run_dir: Path) -> list[Path]:
+def find_fold_dirs(run_dir: paths.Path) -> list[paths.Path]:
     """Folds with a best checkpoint, in fold order; a run may hold only some folds."""
     folds = {int(path.name.removeprefix("fold_")): path for path in run_dir.glob("fold_*")
              if path.name.removeprefix("fold_").isdigit() and (path / "best").is_dir()}
@@ -128,7 +136,8 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
     """
     if checkpoint and keras_weights:
         raise ValueError("give --checkpoint or --keras_weights, not both")
-    run_dir = Path(workdir) if workdir else (Path(checkpoint).parent if checkpoint else None)
+    run_dir = (paths.path(workdir) if workdir else
+               paths.path(checkpoint).parent if checkpoint else None)
     if run_dir is None and not keras_weights:
         raise ValueError("give --workdir (a training run), --checkpoint or --keras_weights")
     if run_dir is not None and not run_dir.is_dir():
@@ -142,7 +151,7 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         normalize_input = meta.get("normalize_input", False)
         half_precision = False
     else:
-        fold_dirs = [Path(checkpoint)] if checkpoint else find_fold_dirs(run_dir)
+        fold_dirs = [paths.path(checkpoint)] if checkpoint else find_fold_dirs(run_dir)
         variables_list = [checkpoints.load_best_variables(path) for path in fold_dirs]
         source = ", ".join(str(path) for path in fold_dirs)
         if "backbone" not in config:
@@ -304,7 +313,8 @@ def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -
     return " ".join(map(str, pairs.tolist()))
 
 
-def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int, path: Path) -> None:
+def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int,
+                  path: paths.Path) -> None:
     """PNG of the slide, at most OVERLAY_MAX_SIDE px, with the predicted mask tinted red."""
     from PIL import Image
 
@@ -317,54 +327,51 @@ def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int, path: P
                             for y0 in range(0, height, rows_per_strip)]).astype(np.float32)
     small_mask = mask[::step, ::step]
     image[small_mask] += _OVERLAY_OPACITY * (_OVERLAY_COLOUR - image[small_mask])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(image).astype(np.uint8)).save(path)
+    png = io.BytesIO()
+    Image.fromarray(np.round(image).astype(np.uint8)).save(png, format="png")
+    paths.make_parent(path)
+    paths.atomic_write(path, png.getvalue())
 
 
-def find_images(pattern: str) -> list[Path]:
-    paths = sorted(Path(path) for path in glob.glob(pattern))
-    if not paths:
+def find_images(pattern: str) -> list[paths.Path]:
+    found = paths.glob(pattern)
+    if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
-    stems = [path.stem for path in paths]
+    stems = [path.stem for path in found]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
         raise ValueError(f"--images {pattern!r}: several files share the id "
                          f"{duplicates[0]!r} (ids are file names without extension)")
-    return paths
+    return found
 
 
-def check_readable(paths: list[Path]) -> None:
+def check_readable(images: list[paths.Path]) -> None:
     """Opens every image before hours of prediction: a bad file fails now, not last."""
-    for path in paths:
+    for path in images:
         with slides.open_slide(path):
             pass
 
 
-def predict_to_csv(paths: list[Path], predict_fn: stitch.PredictFn, options: SlideOptions,
-                   out: str | Path, overlays: str | Path | None = None) -> None:
+def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
+                   options: SlideOptions, out: str | os.PathLike,
+                   overlays: str | os.PathLike | None = None) -> None:
     """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with tmp.open("w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["id", "predicted"])
-            for number, path in enumerate(tqdm(paths, desc="slides", unit="slide")):
-                with slides.open_slide(path) as slide:
-                    mask = predict_slide(slide, predict_fn, options,
-                                         f"{path.stem} ({number + 1}/{len(paths)})")
-                    writer.writerow([path.stem, encode_upsampled(
-                        mask, options.reduction, (slide.height, slide.width))])
-                    if overlays:
-                        write_overlay(slide, mask, options.reduction,
-                                      Path(overlays) / f"{path.stem}.png")
-                del mask
-                host_memory.guard_if_crowded()
-                host_memory.release_freed_memory()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    paths.make_parent(out)
+    with paths.atomic_open(out) as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "predicted"])
+        for number, path in enumerate(tqdm(images, desc="slides", unit="slide")):
+            with slides.open_slide(path) as slide:
+                mask = predict_slide(slide, predict_fn, options,
+                                     f"{path.stem} ({number + 1}/{len(images)})")
+                writer.writerow([path.stem, encode_upsampled(
+                    mask, options.reduction, (slide.height, slide.width))])
+                if overlays:
+                    write_overlay(slide, mask, options.reduction,
+                                  paths.path(overlays) / f"{path.stem}.png")
+            del mask
+            host_memory.guard_if_crowded()
+            host_memory.release_freed_memory()
 
 
 def define_flags() -> None:
@@ -404,8 +411,8 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
-    paths = find_images(config.images)
-    check_readable(paths)
+    images = find_images(config.images)
+    check_readable(images)
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
                              config.tile_size, config.reduction)
     predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
@@ -418,11 +425,11 @@ def main(argv: list[str]) -> None:
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(config.overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold)
-    print(f"{len(paths)} images; {len(ensemble.variables)} model(s) from {ensemble.source}; "
+    print(f"{len(images)} images; {len(ensemble.variables)} model(s) from {ensemble.source}; "
           f"{ensemble.tile} px windows at 1/{ensemble.reduction} scale, overlap "
           f"{options.overlap} px, {config.blend} blend, TTA {config.tta}, "
           f"{jax.device_count()} devices", file=sys.stderr, flush=True)
-    predict_to_csv(paths, predict_fn, options, config.out, config.overlays)
+    predict_to_csv(images, predict_fn, options, config.out, config.overlays)
     print(f"wrote {config.out}", file=sys.stderr)
 
 

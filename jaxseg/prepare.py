@@ -45,14 +45,13 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from jaxseg import cli, records
+from jaxseg import cli, paths, records
 from jaxseg.rle import RleMask
 from jaxseg.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES, MaskImage, Slide, downscale_area, \
     open_mask, open_slide
@@ -150,8 +149,8 @@ def cut_tiles(slide: Slide, mask: RleMask | MaskImage, config: TilingConfig,
 class SlideJob:
     """One slide to tile: its mask is parsed RLE runs or a mask image path."""
     slide_id: str
-    image_path: Path
-    mask: RleMask | Path
+    image_path: paths.Path
+    mask: RleMask | paths.Path
     height: int
     width: int
 
@@ -159,7 +158,7 @@ class SlideJob:
 def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
     """Checked jobs for `train/<id>.tiff` + `train.csv`; CSV rows without a slide are
     skipped so that a subset of the slides can be prepared."""
-    data_dir = Path(data_dir)
+    data_dir = paths.path(data_dir)
     slide_paths = _images_by_stem(data_dir / "train", TIFF_SUFFIXES)
     if not slide_paths:
         raise FileNotFoundError(f"{data_dir / 'train'}: no .tiff slides found")
@@ -179,8 +178,8 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
 
 def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[SlideJob]:
     """Checked jobs pairing images with the masks of the same stem."""
-    images = _images_by_stem(Path(images_dir), IMAGE_SUFFIXES)
-    masks = _images_by_stem(Path(masks_dir), IMAGE_SUFFIXES)
+    images = _images_by_stem(paths.path(images_dir), IMAGE_SUFFIXES)
+    masks = _images_by_stem(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     jobs = []
@@ -197,15 +196,18 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
             workers: int = 0) -> dict:
     """Tiles every job into OUT_DIR; returns what prepare.json records.
 
-    workers <= 0 means one per slide up to the number of usable cores.
+    workers <= 0 means one per slide up to the number of usable cores. Tiles are staged
+    on a local disk (TensorFlow writes the records), beside OUT_DIR when it is local so
+    that they move in by renaming.
     """
-    out_dir = Path(out_dir)
+    out_dir = paths.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
     total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
                 * len(grid_starts(job.width, config.tile_size, config.overlap))
                 for job in jobs)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-staging-", dir=out_dir))
+    staging = tempfile.mkdtemp(prefix=".prepare-staging-",
+                               dir=None if paths.is_remote(out_dir) else out_dir)
     try:
         with tqdm(total=total, desc="tiles", unit="tile") as bar:
             if workers <= 1:
@@ -213,26 +215,24 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
             else:
                 counts = _tile_in_processes(jobs, config, staging, workers, bar)
         for job in jobs:
-            _replace_records(out_dir, job.slide_id,
-                             staging / records.record_name(job.slide_id, counts[job.slide_id]))
+            _replace_records(out_dir, job.slide_id, os.path.join(
+                staging, records.record_name(job.slide_id, counts[job.slide_id])))
         summary = {"tile_size": config.tile_size, "reduction": config.reduction,
                    "overlap": config.overlap,
                    "thresholds": {"saturation": config.saturation_threshold,
                                   "min_pixels": config.min_pixels},
                    "padding": PADDING,
                    "slides": {job.slide_id: counts[job.slide_id] for job in jobs}}
-        staged_json = staging / PREPARE_JSON
-        staged_json.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(staged_json, out_dir / PREPARE_JSON)
+        paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
-def _tile_slide(job: SlideJob, config: TilingConfig, out_dir: Path,
+def _tile_slide(job: SlideJob, config: TilingConfig, out_dir: str,
                 progress: Callable[[int], None]) -> tuple[str, int]:
-    mask_source = (open_mask(job.mask) if isinstance(job.mask, Path)
-                   else contextlib.nullcontext(job.mask))
+    mask_source = (contextlib.nullcontext(job.mask) if isinstance(job.mask, RleMask)
+                   else open_mask(job.mask))
     with open_slide(job.image_path) as slide, mask_source as mask:
         path = records.write_records(out_dir, job.slide_id,
                                      cut_tiles(slide, mask, config, progress))
@@ -245,13 +245,14 @@ _progress_queue = None
 def _init_worker(progress_queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    paths.setup_emulator_env()  # a spawned worker runs no command's start-up
 
 
-def _tile_in_worker(job: SlideJob, config: TilingConfig, out_dir: Path) -> tuple[str, int]:
+def _tile_in_worker(job: SlideJob, config: TilingConfig, out_dir: str) -> tuple[str, int]:
     return _tile_slide(job, config, out_dir, _progress_queue.put)
 
 
-def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: Path,
+def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
                        workers: int, bar: tqdm) -> dict[str, int]:
     # spawn, not fork: TensorFlow (imported by records) is not fork-safe.
     context = multiprocessing.get_context("spawn")
@@ -271,20 +272,21 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: Path
     return counts
 
 
-def _replace_records(out_dir: Path, slide_id: str, staged: Path) -> None:
+def _replace_records(out_dir: paths.Path, slide_id: str, staged: str) -> None:
     """Moves a slide's records in, removing older `<id>-<count>.tfrec` of that slide."""
     stale = re.compile(re.escape(slide_id) + r"-[0-9]+" + re.escape(records.RECORD_SUFFIX))
+    name = os.path.basename(staged)
     for old in out_dir.iterdir():
-        if stale.fullmatch(old.name) and old.name != staged.name:
+        if stale.fullmatch(old.name) and old.name != name:
             old.unlink()
-    os.replace(staged, out_dir / staged.name)
+    paths.publish(staged, out_dir / name)
 
 
-def _read_encodings(csv_path: Path) -> dict[str, str]:
+def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)   # whole-slide RLEs are tens of megabytes
-    with open(csv_path, newline="") as handle:
+    with paths.open_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         if not {"id", "encoding"} <= set(reader.fieldnames or ()):
             raise ValueError(f"{csv_path}: expected columns id,encoding, got "
@@ -297,7 +299,8 @@ def _read_encodings(csv_path: Path) -> dict[str, str]:
     return encodings
 
 
-def _images_by_stem(directory: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+def _images_by_stem(directory: paths.Path, suffixes: tuple[str, ...]
+                    ) -> dict[str, paths.Path]:
     """{stem: path}, sorted; two files of one stem would write the same records."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
@@ -318,7 +321,7 @@ def _check_same_size(mask_name: str, mask: RleMask | MaskImage, slide: Slide) ->
                          f"{slide.path.name} is {slide.height} x {slide.width}")
 
 
-def _slide_size(path: Path) -> tuple[int, int]:
+def _slide_size(path: paths.Path) -> tuple[int, int]:
     with open_slide(path) as slide:
         return slide.height, slide.width
 

@@ -3,25 +3,26 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import os
-from pathlib import Path
+import shutil
+import tempfile
 from typing import Iterator
 
 import jax
 import numpy as np
+
+from jaxseg import paths
 
 # What jax.monitoring calls one XLA compilation (jax._src.dispatch.BACKEND_COMPILE_EVENT);
 # its listeners get the program's name as `fun_name`.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def write_json(path: str | Path, payload: dict) -> None:
-    """Writes through a temporary file so a reader never sees half a JSON document."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    """Written whole or not at all, so a reader never sees half a JSON document."""
+    paths.atomic_write(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ def compile_log() -> Iterator[dict[str, list[float]]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def plot_curves(history: dict[str, list[float]], path: str | Path, title: str) -> None:
+def plot_curves(history: dict[str, list[float]], path: str | os.PathLike, title: str) -> None:
     """The recipe's figure: train/val Dice on the left axis, losses on the right, with the
     best validation Dice and the lowest validation loss marked."""
     import matplotlib
@@ -69,23 +70,42 @@ def plot_curves(history: dict[str, list[float]], path: str | Path, title: str) -
     loss_axis.set_ylabel("Loss", size=14)
     loss_axis.legend(loc=3)
     plt.title(title)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
+    paths.atomic_write(path, png.getvalue())
 
 
 class ScalarLog:
-    """TensorBoard scalars, one event file per fold."""
+    """TensorBoard scalars, one event file per fold (and per resumed attempt).
 
-    def __init__(self, log_dir: str | Path):
+    tf.summary writes through TensorFlow's own file systems, whose GCS endpoint cannot
+    be changed; for a bucket the events are written to a local temporary directory and
+    uploaded whole after every epoch (a few hundred bytes each).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
         import tensorflow as tf
         self._tf = tf
-        self._writer = tf.summary.create_file_writer(str(log_dir))
+        self._log_dir = paths.path(log_dir)
+        self._staging = tempfile.mkdtemp(prefix="jaxseg-events-") if paths.is_remote(
+            self._log_dir) else None
+        self._writer = tf.summary.create_file_writer(self._staging or os.fspath(log_dir))
 
     def write(self, epoch: int, scalars: dict[str, float]) -> None:
         with self._writer.as_default():
             for name, value in scalars.items():
                 self._tf.summary.scalar(name, value, step=epoch)
         self._writer.flush()
+        self._upload()
 
     def close(self) -> None:
         self._writer.close()
+        self._upload()
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _upload(self) -> None:
+        if self._staging:
+            for name in os.listdir(self._staging):
+                paths.publish(os.path.join(self._staging, name), self._log_dir / name)

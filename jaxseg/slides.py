@@ -10,16 +10,21 @@ single-channel pages/series; all are read as "planes" (one per channel) that sha
 the image size, and `read` stacks the first three channels last. A one-channel image
 is read as grey (replicated to RGB, as PIL does). PNG/JPEG files are decoded whole by
 PIL: they are small tiles, and those formats cannot be read by window anyway.
+
+A slide in a bucket is read through an open remote file: tifffile fetches only the
+segments a window needs (a remote file cannot be memory-mapped, so every page is read
+by segment).
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import tifffile
 from PIL import Image
+
+from jaxseg import paths
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -46,7 +51,7 @@ class _Planes(Protocol):
 class _Window:
     """Shared window checking and context management of slides and masks."""
 
-    def __init__(self, path: Path, planes: _Planes):
+    def __init__(self, path: paths.Path, planes: _Planes):
         self.path = path
         self._planes = planes
         self.height, self.width = planes.height, planes.width
@@ -69,7 +74,7 @@ class _Window:
 class Slide(_Window):
     """An RGB uint8 slide; `read` returns (h, w, 3) windows."""
 
-    def __init__(self, path: Path, planes: _Planes):
+    def __init__(self, path: paths.Path, planes: _Planes):
         super().__init__(path, planes)
         problem = None
         if planes.dtype != np.uint8:
@@ -100,13 +105,13 @@ class MaskImage(_Window):
 
 def open_slide(path: str | os.PathLike) -> Slide:
     """Opens a TIFF, PNG or JPEG slide for windowed RGB reading (a context manager)."""
-    path = Path(path)
+    path = paths.path(path)
     return Slide(path, _open_planes(path, for_mask=False))
 
 
 def open_mask(path: str | os.PathLike) -> MaskImage:
     """Opens a TIFF, PNG or JPEG binary mask for windowed reading (a context manager)."""
-    path = Path(path)
+    path = paths.path(path)
     return MaskImage(path, _open_planes(path, for_mask=True))
 
 
@@ -142,7 +147,7 @@ def downscale_area(image: np.ndarray, factor: int) -> np.ndarray:
     return total / area
 
 
-def _open_planes(path: Path, for_mask: bool) -> _Planes:
+def _open_planes(path: paths.Path, for_mask: bool) -> _Planes:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -157,11 +162,11 @@ def _open_planes(path: Path, for_mask: bool) -> _Planes:
 class _PicturePlanes:
     """A PNG/JPEG decoded whole into memory."""
 
-    def __init__(self, path: Path, for_mask: bool):
+    def __init__(self, path: paths.Path, for_mask: bool):
         # Whole slides exported as PNG legitimately exceed PIL's decompression-bomb limit.
         Image.MAX_IMAGE_PIXELS = None
         try:
-            with Image.open(path) as image:
+            with path.open("rb") as file, Image.open(file) as image:
                 if for_mask and image.mode in _SINGLE_VALUE_MODES:
                     pixels = np.asarray(image)[..., None]
                 else:
@@ -182,17 +187,20 @@ class _PicturePlanes:
 class _TiffPlanes:
     """The channel planes of a TIFF, gathered from whichever pages/series hold them."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: paths.Path):
+        # tifffile closes only the files it opened itself.
+        self._remote_file = path.open("rb") if paths.is_remote(path) else None
         try:
-            self._tiff = tifffile.TiffFile(path)
+            self._tiff = tifffile.TiffFile(self._remote_file or os.fspath(path))
         except Exception as error:  # tifffile raises many types for corrupt files
+            self._close_remote_file()
             raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
         try:
             pages = self._base_pages()
             self._readers = [_MemmapPage(path, page) if page.is_memmappable
                              else _SegmentPage(path, page) for page in pages]
         except Exception as error:
-            self._tiff.close()
+            self.close()
             raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
         self.height, self.width = pages[0].imagelength, pages[0].imagewidth
         self.dtype = pages[0].dtype
@@ -233,6 +241,11 @@ class _TiffPlanes:
 
     def close(self) -> None:
         self._tiff.close()
+        self._close_remote_file()
+
+    def _close_remote_file(self) -> None:
+        if self._remote_file is not None:
+            self._remote_file.close()
 
 
 class _MemmapPage:
@@ -242,9 +255,9 @@ class _MemmapPage:
     resident set, which would grow to the whole slide over a pass.
     """
 
-    def __init__(self, path: Path, page: tifffile.TiffPage):
+    def __init__(self, path: paths.Path, page: tifffile.TiffPage):
         separate, _, height, width, contig = page.shaped
-        self._map_args = {"filename": path, "dtype": page.dtype, "mode": "r",
+        self._map_args = {"filename": os.fspath(path), "dtype": page.dtype, "mode": "r",
                           "offset": page.dataoffsets[0],
                           "shape": (separate, height, width, contig)}
 
@@ -256,7 +269,7 @@ class _MemmapPage:
 class _SegmentPage:
     """A compressed page: decodes only the tiles or strips a window overlaps."""
 
-    def __init__(self, path: Path, page: tifffile.TiffPage):
+    def __init__(self, path: paths.Path, page: tifffile.TiffPage):
         self._path = path
         self._page = page
         self._shaped = page.shaped

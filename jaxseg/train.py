@@ -7,13 +7,13 @@ after a preemption loses at most the epoch in progress.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
-import shutil
+import os
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
@@ -24,7 +24,8 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import checkpoints, cli, data, host_memory, models, parallel, reporting, steps
+from jaxseg import checkpoints, cli, data, host_memory, models, parallel, paths, reporting, \
+    steps
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
@@ -115,13 +116,13 @@ def check_record_files(files: list[str], image_size: int) -> None:
             raise ValueError(f"{path}: holds no records")
 
 
-def holds_progress(workdir: Path) -> bool:
+def holds_progress(workdir: paths.Path) -> bool:
     """Whether an earlier attempt finished a fold or saved a fold's state."""
     return any((fold_dir / "result.json").exists() or checkpoints.has_latest(fold_dir)
                for fold_dir in workdir.glob("fold_*"))
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path) -> None:
     """A workdir holding an earlier run's progress must have been made with the same
     settings; one that an attempt left before its first checkpoint (killed while
     compiling, say) is taken over."""
@@ -146,7 +147,7 @@ class FoldData:
     num_val_examples: int
 
 
-def last_good_checkpoint(epochs_done: int, fold_dir: Path) -> str:
+def last_good_checkpoint(epochs_done: int, fold_dir: paths.Path) -> str:
     if epochs_done == 0:
         return "no epoch of this fold had finished, so nothing was saved"
     return f"the checkpoint of epoch {epochs_done} stays in {fold_dir / 'latest'}"
@@ -219,7 +220,7 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
     return result
 
 
-def train_fold(config: ml_collections.ConfigDict, workdir: Path, fold_data: FoldData,
+def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: FoldData,
                model: models.Unet, compiled: steps.CompiledSteps, mesh,
                init_weights: dict | None) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
@@ -361,7 +362,7 @@ def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[st
                     num_val)
 
 
-def train_folds(config: ml_collections.ConfigDict, workdir: Path, plans: list[FoldData],
+def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: list[FoldData],
                 init_weights: dict | None) -> dict[int, dict]:
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
@@ -396,7 +397,7 @@ def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, lis
     return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains the chosen folds into `workdir` and returns (and writes) `summary.json`.
 
     Everything that can be checked without training (config, record files, folds,
@@ -405,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     first attempt leaves nothing behind that a corrected rerun would trip over.
     """
     started = time.time()
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     validate_config(config)
     check_workdir_config(config, workdir)
     files = data.list_record_files(config.data_dir)
@@ -421,9 +422,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
             reporting.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-            prepare_record = Path(config.data_dir) / "prepare.json"
+            prepare_record = paths.path(config.data_dir) / "prepare.json"
             if prepare_record.exists():
-                shutil.copyfile(prepare_record, workdir / "prepare.json")
+                paths.atomic_write(workdir / "prepare.json", prepare_record.read_bytes())
         print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
               f"({jax.devices()[0].platform}), global batch "
               f"{config.per_device_batch_size * jax.device_count()}", flush=True)
@@ -431,7 +432,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             results = train_folds(config, workdir, plans, init_weights)
     except BaseException:
         if is_main and created and not holds_progress(workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                workdir.rmtree()
         raise
 
     summary = {
