@@ -4,8 +4,8 @@
 with save_best_only, and what EarlyStopping's restore_best_weights restores); `latest/`
 holds the whole train state plus the host-side loop state, so a killed run resumes at
 the next epoch; `preempted/` holds the same at the step where a preemption notice
-stopped the run, so a preempted run resumes at the next step. Orbax writes each step into a temporary directory and renames it
-when complete, so a kill during a save leaves the previous checkpoint usable; the
+stopped the run, so a preempted run resumes at the next step. Orbax writes each step
+into a temporary directory and renames it when complete, so a kill during a save leaves the previous checkpoint usable; the
 temporary directories such a kill leaves are removed when the fold resumes.
 
 Checkpoints hold host (numpy) copies of the replicated state: orbax would otherwise

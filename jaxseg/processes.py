@@ -36,6 +36,10 @@ def join(coordinator_address: str | None, num_processes: int | None,
     across processes.
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service keeps one stream of step ids per process, which orbax's
+    # checkpoint managers also feed (with their own step numbers): the step it agrees on
+    # can pass unseen. `PreemptionWatch` agrees on the stop step itself.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
                                shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
@@ -92,32 +96,28 @@ def _broadcast_bytes(payload: bytes) -> bytes:
 class PreemptionWatch:
     """Whether the run should stop after the current step, the same step on every process.
 
-    SIGTERM is what a preempted or maintained TPU VM receives. Across processes, JAX's
-    preemption service (started by `jax.distributed.initialize`, working on CPU too)
-    turns the notice any process gets into one agreed step; a lone process catches the
-    signal itself. Step ids only ever grow within the run, as the service requires.
+    SIGTERM is what a preempted or maintained TPU VM receives, on one host or on all.
+    Each process catches it itself, and after every step the processes all-gather their
+    flags (a few bytes, but one host-device round trip per step), so all stop after the
+    same step even when only one got the signal.
     """
 
     def __init__(self) -> None:
-        self._step_id = 0
         self._signalled = False
         self._previous_handler: Any = None
 
     def __enter__(self) -> PreemptionWatch:
-        if jax.process_count() == 1:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, *exception: Any) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
+        signal.signal(signal.SIGTERM, self._previous_handler)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._signalled = True
 
     def stop_after_step(self) -> bool:
         """Called after every train step on every process."""
-        self._step_id += 1
         if jax.process_count() == 1:
             return self._signalled
-        return multihost_utils.reached_preemption_sync_point(self._step_id)
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._signalled))))
