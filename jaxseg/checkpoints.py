@@ -2,9 +2,10 @@
 
 `best/` holds only the model variables of the best epoch (the recipe's ModelCheckpoint
 with save_best_only, and what EarlyStopping's restore_best_weights restores); `latest/`
-holds the whole train state plus the host-side loop state, so a preempted run resumes
-at the next epoch. Orbax writes each step into a temporary directory and renames it
-when complete, so a kill during a save leaves the previous checkpoint usable; the
+holds the whole train state plus the host-side loop state, so a killed run resumes at
+the next epoch; `preempted/` holds the same at the step where a preemption notice
+stopped the run, so a preempted run resumes at the next step. Orbax writes each step
+into a temporary directory and renames it when complete, so a kill during a save leaves the previous checkpoint usable; the
 temporary directories such a kill leaves are removed when the fold resumes.
 
 Checkpoints hold host (numpy) copies of the replicated state: orbax would otherwise
@@ -13,6 +14,7 @@ which compiles one small program per array shape (a minute per process on CPU).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -33,50 +35,89 @@ class FoldCheckpoints:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
                 cleanup_tmp_directories=True))
-        self._latest = ocp.CheckpointManager(
-            fold_dir / "latest",
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, cleanup_tmp_directories=True))
+        self._latest, self._preempted = (
+            ocp.CheckpointManager(fold_dir / name, options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, cleanup_tmp_directories=True))
+            for name in ("latest", "preempted"))
 
     def save_best(self, epoch: int, variables: dict, metrics: dict[str, float]) -> None:
         self._best.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(variables)),
                         metrics={k: float(v) for k, v in metrics.items()})
 
     def save_latest(self, epochs_done: int, state: Any, host_state: dict) -> None:
-        """`host_state` is JSON: history, callback states, learning rate, elapsed time."""
-        self._best.wait_until_finished()
-        self._latest.save(epochs_done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(jax.device_get(state)),
-            host=ocp.args.JsonSave(host_state)))
+        """`host_state` is JSON: history, callback states, learning rate, elapsed time.
 
-    def restore_latest(self, host_template: Any) -> tuple[Any, dict] | None:
-        """The last saved state as host arrays shaped like `host_template`, and the host
-        loop state; None on a fresh fold.
+        A preemption checkpoint, older than this epoch's end once it is on disk, goes.
+        """
+        self._best.wait_until_finished()
+        self._latest.save(epochs_done, args=_state_args(state, host_state))
+        if self._preempted.all_steps():
+            self._latest.wait_until_finished()
+            for step in self._preempted.all_steps():
+                self._preempted.delete(step)
+
+    def save_preempted(self, train_step: int, state: Any, host_state: dict) -> None:
+        """The state at a step inside an epoch; `host_state` also says how far the epoch
+        got. Finished before returning: the process exits next."""
+        self._best.wait_until_finished()
+        self._latest.wait_until_finished()
+        self._preempted.save(train_step, args=_state_args(state, host_state))
+        self._preempted.wait_until_finished()
+
+    def resume_point(self) -> ResumePoint:
+        """Where a resumed fold starts, read from the files (by process 0, which decides
+        for all): the preemption checkpoint when one was saved after the latest epoch's
+        end, else the latest.
 
         A best checkpoint newer than the latest state was written by an epoch that was
         killed before its latest save; the resumed run repeats that epoch, so the stale
         best is dropped rather than left to clash with (or outrank) the repeated one.
         """
-        step = self._latest.latest_step()
-        for best_step in self._best.all_steps():
-            if best_step > (step or 0):
-                self._best.delete(best_step)
-        if step is None:
+        epochs_done = self._latest.latest_step()
+        stale = [step for step in self._best.all_steps() if step > (epochs_done or 0)]
+        preempted_step = self._preempted.latest_step()
+        if preempted_step is not None:
+            return ResumePoint("preempted", preempted_step, stale)
+        return ResumePoint("latest" if epochs_done is not None else None, epochs_done, stale)
+
+    def restore(self, point: ResumePoint, host_template: Any) -> tuple[Any, dict] | None:
+        """The state at `point` as host arrays shaped like `host_template`, and the host
+        loop state; None on a fresh fold. Every process calls it (orbax synchronises
+        them)."""
+        for step in point.stale_best_steps:
+            self._best.delete(step)
+        if point.kind is None:
             return None
-        restored = self._latest.restore(step, args=ocp.args.Composite(
+        manager = self._preempted if point.kind == "preempted" else self._latest
+        restored = manager.restore(point.step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(host_template), host=ocp.args.JsonRestore()))
         return restored.state, restored.host
 
     def close(self) -> None:
-        self._best.wait_until_finished()
-        self._latest.wait_until_finished()
-        self._best.close()
-        self._latest.close()
+        for manager in (self._best, self._latest, self._preempted):
+            manager.wait_until_finished()
+            manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a fold resumes from (`kind` 'latest' or 'preempted', None on a
+    fresh fold) and the best checkpoints to drop first."""
+    kind: str | None
+    step: int | None
+    stale_best_steps: list[int]
+
+
+def _state_args(state: Any, host_state: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)),
+                              host=ocp.args.JsonSave(host_state))
 
 
 def has_latest(fold_dir: str | os.PathLike) -> bool:
-    """Whether the fold holds a complete latest checkpoint (what a kill mid-save leaves
-    does not count)."""
-    return bool(ocp.utils.checkpoint_steps(paths.absolute(fold_dir) / "latest"))
+    """Whether the fold holds a complete latest or preemption checkpoint (what a kill
+    mid-save leaves does not count)."""
+    return any(ocp.utils.checkpoint_steps(paths.absolute(fold_dir) / name)
+               for name in ("latest", "preempted"))
 
 
 def load_best_variables(fold_dir: str | os.PathLike) -> dict:

@@ -16,7 +16,7 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
-def _lines(error: BaseException) -> list[str]:
+def message_lines(error: BaseException) -> list[str]:
     """An exception's message as lines: KeyError quotes its argument, and ml_collections
     wraps a KeyError in an AttributeError."""
     while error.args and isinstance(error.args[0], BaseException):
@@ -27,7 +27,7 @@ def _lines(error: BaseException) -> list[str]:
 
 def _unknown_config_field(argv: list[str], error: BaseException) -> str:
     """Names the `--config.a.b=...` override whose field the error reports missing."""
-    lines = _lines(error)
+    lines = message_lines(error)
     missing = lines[0].strip("'\"") if lines else ""
     hint = "".join(f"; {line}" for line in lines if line.startswith("Did you mean"))
     for arg in argv[1:]:
@@ -54,14 +54,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError) as error:
         fail(_unknown_config_field(argv, error))
     except OSError as error:
-        fail(f"cannot load the config file: {_lines(error)[-1]}")
+        fail(f"cannot load the config file: {message_lines(error)[-1]}")
     for name in list(flags.FLAGS):
         try:
             # ml_collections stands in an object that raises OSError on any attribute
             # for a config file that failed to load.
             getattr(flags.FLAGS[name].value, "keys", None)
         except OSError as error:
-            fail(f"cannot load the config file: {_lines(error)[-1]}")
+            fail(f"cannot load the config file: {message_lines(error)[-1]}")
     return remaining
 
 
@@ -85,6 +85,6 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         except USER_ERRORS as error:
             if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
                 raise
-            fail(" ".join(_lines(error)))
+            fail(" ".join(message_lines(error)))
 
     app.run(guarded, flags_parser=parse_flags)

@@ -213,14 +213,20 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
     return meta
 
 
-def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
-    """(variables, meta) written by `convert_to_dir`; variables as numpy arrays."""
+def read_meta(directory: str | os.PathLike) -> dict:
+    """What `convert_to_dir` says about the weights it wrote (backbone, normalisation)."""
     directory = paths.absolute(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: no such file; is {directory} a "
                                 "jaxseg.convert output?")
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(variables, meta) written by `convert_to_dir`; variables as numpy arrays."""
+    meta = read_meta(directory)
+    directory = paths.absolute(directory)
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / VARIABLES_DIR)
     return jax.tree.map(np.asarray, variables), meta

@@ -101,24 +101,34 @@ def host_shard(files: Sequence[str], process_index: int, process_count: int) -> 
 def train_batches(files: Sequence[str], *, image_size: int, batch_size: int, steps: int,
                   seed: int, epoch: int, augment_config: ml_collections.ConfigDict,
                   shuffle_buffer: int = 128, deterministic: bool = False,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-    """One epoch of exactly `steps` augmented host batches from this host's file shard.
+                  process_index: int = 0, process_count: int = 1,
+                  steps_done: int = 0) -> Iterator[Batch]:
+    """The host batches of one epoch's steps after the first `steps_done` (those a
+    preempted attempt already took), `steps` in all.
 
     Everything random is seeded by (seed, epoch): file order, shuffle and the per-example
     augmentation seeds. With `deterministic` the epoch is reproduced batch for batch
-    (resuming after preemption); without it, files and examples are read in whatever
-    order finishes first, which is faster, while each example's augmentation still
-    follows from its position in the shuffled stream.
+    (resuming after preemption) whatever the number of hosts: every host reads all files
+    in one global order and keeps its rows of each global batch, and an example's
+    augmentation follows from its global position. Without it, each host reads its own
+    file shard in whatever order finishes first, which is faster, with a seed stream of
+    its own.
     """
-    shard = host_shard(files, process_index, process_count)
+    shard = list(files) if deterministic else host_shard(files, process_index, process_count)
     if not shard:
         raise ValueError(f"host {process_index} of {process_count} has no training files: "
                          f"{len(files)} files cannot be split over {process_count} hosts")
+    if deterministic:
+        epoch_seed = _epoch_seed(seed, epoch)
+    else:
+        epoch_seed = _epoch_seed(seed, epoch, *([process_index] if process_count > 1 else []))
+        process_index, process_count = 0, 1  # this host's own stream is all it reads
     _check_exist(shard)
     _check_positive(image_size=image_size, batch_size=batch_size, steps=steps,
                     shuffle_buffer=shuffle_buffer)
+    if not 0 <= steps_done < steps:
+        raise ValueError(f"steps_done must be in [0, {steps}), got {steps_done}")
     augment = augment_fn(augment_config)
-    epoch_seed = _epoch_seed(seed, epoch)
     file_order = np.random.RandomState(epoch_seed).permutation(len(shard))
 
     def prepare(index: tf.Tensor, record: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -132,32 +142,42 @@ def train_batches(files: Sequence[str], *, image_size: int, batch_size: int, ste
                .shuffle(shuffle_buffer, seed=epoch_seed)
                .repeat()
                .enumerate()
+               .skip(steps_done * batch_size * process_count))
+    dataset = (_rows_of_this_host(dataset, batch_size, process_index, process_count)
                .map(lambda index, pair: prepare(index, *pair),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
                .batch(batch_size, drop_remainder=True)
-               .take(steps)
+               .take(steps - steps_done)
                .prefetch(tf.data.AUTOTUNE))
-    return _checked_train_batches(_numpy_batches(dataset, shard, image_size), steps, shard)
+    return _checked_train_batches(_numpy_batches(dataset, shard, image_size),
+                                  steps - steps_done, shard)
 
 
 def validation_batches(files: Sequence[str], *, image_size: int, batch_size: int,
                        process_index: int = 0, process_count: int = 1,
-                       num_batches: int | None = None) -> Iterator[Batch]:
+                       num_batches: int | None = None,
+                       global_order: bool = False) -> Iterator[Batch]:
     """Every example of this host's shard once, in file order, with a per-example weight.
 
     Unlike the recipe, which dropped the last partial batch, the last batch is padded
     with zero examples of weight 0. `num_batches` (see `num_validation_batches`) appends
     all-padding batches so that every host runs the same number of collective steps.
+    With `global_order` (deterministic runs) every host reads all files and keeps its
+    rows of each global batch, so the global batches, and with them the metrics, do
+    not depend on the number of hosts.
     """
-    shard = host_shard(files, process_index, process_count)
+    shard = list(files) if global_order else host_shard(files, process_index, process_count)
     _check_exist(shard)
     _check_positive(image_size=image_size, batch_size=batch_size)
 
-    def prepare(record: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, mask = _parse(record, path, image_size)
+    def prepare(index: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image, mask = _parse(*pair, image_size)
         return {"image": tf.cast(image, tf.float32), "mask": tf.cast(mask, tf.float32)}
 
-    dataset = (_records_with_paths(shard, deterministic=True, files_read_at_once=1)
+    dataset = _records_with_paths(shard, deterministic=True, files_read_at_once=1).enumerate()
+    if global_order:
+        dataset = _rows_of_this_host(dataset, batch_size, process_index, process_count)
+    dataset = (dataset
                .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
                .batch(batch_size)
                .prefetch(tf.data.AUTOTUNE))
@@ -166,9 +186,11 @@ def validation_batches(files: Sequence[str], *, image_size: int, batch_size: int
 
 
 def num_validation_batches(counts: Mapping[str, int], batch_size: int,
-                           process_count: int) -> int:
+                           process_count: int, global_order: bool = False) -> int:
     """The largest host's batch count: what every host must run in lockstep. `counts`:
     the examples of each validation file (`count_examples`), in the files' order."""
+    if global_order:
+        return math.ceil(sum(counts.values()) / (batch_size * process_count))
     files = list(counts)
     return max(math.ceil(sum(counts[f] for f in host_shard(files, p, process_count))
                          / batch_size)
@@ -188,11 +210,22 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """Mixes (seed, epoch) into one seed, unrelated for nearby pairs; 31 bits fit int32."""
+def _epoch_seed(seed: int, epoch: int, *stream: int) -> int:
+    """Mixes (seed, epoch, a host's stream) into one seed, unrelated for nearby values;
+    31 bits fit int32."""
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be non-negative, got seed={seed} epoch={epoch}")
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, *stream]).generate_state(1)[0] >> 1)
+
+
+def _rows_of_this_host(indexed: tf.data.Dataset, batch_size: int, process_index: int,
+                       process_count: int) -> tf.data.Dataset:
+    """Of a stream of (global position, element), the elements at this host's rows
+    [p * batch_size, (p + 1) * batch_size) of every global batch; filtered before any
+    decoding, so a host decodes only its own examples."""
+    global_batch = batch_size * process_count
+    return indexed.filter(
+        lambda index, _: (index % global_batch) // batch_size == process_index)
 
 
 def _records_with_paths(files: Sequence[str], deterministic: bool,

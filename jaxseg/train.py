@@ -3,7 +3,12 @@
 One fold = fresh model -> epochs of (train, validate, callbacks, checkpoints) -> best
 model, history and curves. A fold whose `result.json` exists is finished and skipped;
 an unfinished one resumes from its latest checkpoint, so re-running the same command
-after a preemption loses at most the epoch in progress.
+after a kill loses at most the epoch in progress, and after a preemption notice
+(SIGTERM), which stops the run at the end of a step, at most that step.
+
+Several processes (hosts of a pod slice, or CPU processes) run the same command with
+`--coordinator_address`, `--num_processes` and `--process_id`; process 0 decides what
+files say and speaks for the run (`processes`).
 """
 from __future__ import annotations
 
@@ -24,10 +29,11 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import checkpoints, cli, data, host_memory, models, parallel, paths, reporting, \
-    steps
+from jaxseg import (checkpoints, cli, data, host_memory, models, parallel, paths, processes,
+                    reporting, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
+TRAIN_METRICS = ("loss", "dice_coe", "accuracy")
 HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
                 "val_accuracy", "val_per_image_dice", "lr")
 # Fields a resumed run may change: extending training, choosing other folds, and how layers
@@ -45,19 +51,25 @@ def build_model(config: ml_collections.ConfigDict) -> models.Unet:
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
-    """The converted weights `init_from` names, checked against the config before the run
-    writes anything; None when the model starts from random weights."""
+    """The converted weights `init_from` names, checked against the config (by process 0,
+    for all) before the run writes anything; None when the model starts from random
+    weights."""
     if not config.init_from:
         return None
     from jaxseg import convert
-    variables, meta = convert.load_converted(config.init_from)
-    if meta.get("backbone") != config.backbone:
-        raise ValueError(f"config.init_from: {config.init_from} holds {meta.get('backbone')} "
-                         f"weights, config.backbone is {config.backbone}")
-    if meta.get("normalize_input", False) != config.normalize_input:
-        raise ValueError(f"config.normalize_input: the weights in {config.init_from} expect "
-                         f"normalize_input={meta.get('normalize_input', False)}")
-    return variables
+
+    def check_meta() -> None:
+        meta = convert.read_meta(config.init_from)
+        if meta.get("backbone") != config.backbone:
+            raise ValueError(f"config.init_from: {config.init_from} holds "
+                             f"{meta.get('backbone')} weights, config.backbone is "
+                             f"{config.backbone}")
+        if meta.get("normalize_input", False) != config.normalize_input:
+            raise ValueError(f"config.normalize_input: the weights in {config.init_from} "
+                             f"expect normalize_input={meta.get('normalize_input', False)}")
+
+    processes.decided_by_main(check_meta)
+    return convert.load_converted(config.init_from)[0]
 
 
 def initial_variables(model: models.Unet, seed: int, init_weights: dict | None) -> dict:
@@ -161,27 +173,46 @@ def raise_if_not_finite(values: dict[str, float], name: str, where: str,
         raise FloatingPointError(f"{where}: {name} is {values[name]}; stopped, {last_good}")
 
 
-def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
-                fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str
-                ) -> tuple[steps.TrainState, dict[str, float]]:
-    """Runs one epoch; metrics come back one step late so the host never stalls the devices."""
-    totals = {"loss": 0.0, "dice_coe": 0.0, "accuracy": 0.0}
-    learning_rate = np.float32(lr)
-    pending = None
-    # The bar is cleared however the epoch ends, so an error line starts a line of its own.
-    with tqdm(total=fold_data.steps_per_epoch, unit="step", leave=False, dynamic_ncols=True,
-              desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
-              disable=jax.process_index() != 0) as bar:
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch got: what a preemption checkpoint keeps to resume inside it."""
+    steps_done: int = 0
+    totals: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(TRAIN_METRICS, 0.0))
 
-        def consume(step: int, metrics: dict) -> None:
+    def means(self, steps_per_epoch: int) -> dict[str, float]:
+        return {name: total / max(steps_per_epoch, 1) for name, total in self.totals.items()}
+
+
+class Preempted(Exception):
+    """A preemption notice stopped the run after a step whose state is saved."""
+
+
+def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
+                fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str,
+                progress: EpochProgress, preemption: processes.PreemptionWatch
+                ) -> tuple[steps.TrainState, bool]:
+    """Runs the epoch's remaining steps, adding them to `progress`; True when a
+    preemption notice stopped it after a step (the same step on every process).
+    Metrics come back one step late so the host never stalls the devices."""
+    learning_rate = np.float32(lr)
+    pending, preempted = None, False
+    # The bar is cleared however the epoch ends, so an error line starts a line of its own.
+    with tqdm(total=fold_data.steps_per_epoch, initial=progress.steps_done, unit="step",
+              leave=False, dynamic_ncols=True,
+              desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
+              disable=not processes.is_main()) as bar:
+
+        def consume(metrics: dict) -> None:
             values = {name: float(value) for name, value in jax.device_get(metrics).items()}
             raise_if_not_finite(values, "loss", f"fold {fold_data.fold}, epoch {epoch + 1}, "
-                                f"step {step + 1}", last_good)
+                                f"step {progress.steps_done + 1}", last_good)
             for name, value in values.items():
-                totals[name] += value
+                progress.totals[name] += value
+            progress.steps_done += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.4f}",
-                            dice_coe=f"{totals['dice_coe'] / (step + 1):.4f}")
+            bar.set_postfix(loss=f"{progress.totals['loss'] / progress.steps_done:.4f}",
+                            dice_coe=f"{progress.totals['dice_coe'] / progress.steps_done:.4f}")
 
         for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
             state, metrics = step_fn(state, batch, learning_rate)
@@ -189,12 +220,14 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
                 jax.block_until_ready(metrics)  # the step's buffers, allocated once
                 host_memory.guard_if_crowded()
             if pending is not None:
-                consume(*pending)
-            pending = (step, metrics)
+                consume(pending)
+            pending = metrics
+            if preemption.stop_after_step():
+                preempted = True
+                break
         if pending is not None:
-            consume(*pending)
-    count = max(fold_data.steps_per_epoch, 1)
-    return state, {name: total / count for name, total in totals.items()}
+            consume(pending)
+    return state, preempted
 
 
 def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dict[str, float]:
@@ -222,9 +255,9 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
 
 def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: FoldData,
                model: models.Unet, compiled: steps.CompiledSteps, mesh,
-               init_weights: dict | None) -> dict:
+               init_weights: dict | None, preemption: processes.PreemptionWatch) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
-    is_main = jax.process_index() == 0
+    is_main = processes.is_main()
     fold_started = time.time()
     if is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -242,17 +275,33 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
     history: dict[str, list] = {key: [] for key in HISTORY_KEYS}
     lr, start_epoch, stopped, elapsed_before = config.learning_rate, 0, False, 0.0
     num_val_examples = 0
+    progress = EpochProgress()
     ckpt = checkpoints.FoldCheckpoints(fold_dir)
-    restored = ckpt.restore_latest(host_state)
+    resume_point = checkpoints.ResumePoint(**processes.decided_by_main(
+        lambda: dataclasses.asdict(ckpt.resume_point())))
+    restored = ckpt.restore(resume_point, host_state)
     if restored is not None:
         host_state, loop = restored
+        loop = processes.decided_by_main(lambda: loop)
         history, lr, start_epoch = loop["history"], loop["lr"], loop["epochs_done"]
         stopped, elapsed_before = loop["stopped"], loop["elapsed_s"]
         num_val_examples = loop["num_val_examples"]
         plateau.load_state_dict(loop["plateau"])
         early_stopping.load_state_dict(loop["early_stopping"])
-        print(f"fold {fold}: resuming after epoch {start_epoch} (lr {lr:g}, best val_dice_coe "
-              f"{early_stopping.best:.4f})")
+        progress = EpochProgress(loop.get("epoch_steps_done", 0),
+                                 loop.get("epoch_totals", progress.totals))
+        position = (f"epoch {start_epoch + 1} at step {progress.steps_done + 1}"
+                    if progress.steps_done else f"after epoch {start_epoch}")
+        processes.report(f"fold {fold}: resuming {position} (lr {lr:g}, best val_dice_coe "
+                         f"{early_stopping.best:.4f})")
+
+    def loop_state(epochs_done: int) -> dict:
+        return {"epochs_done": epochs_done, "history": history, "lr": lr, "stopped": stopped,
+                "elapsed_s": elapsed_before + time.time() - fold_started,
+                "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
+                "num_val_examples": num_val_examples,
+                "epoch_steps_done": progress.steps_done, "epoch_totals": progress.totals}
+
     state = parallel.replicate(host_state, mesh)
     scalars = reporting.ScalarLog(fold_dir / "tensorboard") if is_main else None
 
@@ -265,19 +314,30 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 break
             epoch_started = time.time()
             last_good = last_good_checkpoint(epoch, fold_dir)
-            batches = data.train_batches(
-                fold_data.train_files, image_size=config.image_size, batch_size=host_batch,
-                steps=fold_data.steps_per_epoch, seed=fold_seed, epoch=epoch,
-                augment_config=config.augment, shuffle_buffer=config.shuffle_buffer,
-                deterministic=config.deterministic, process_index=jax.process_index(),
-                process_count=jax.process_count())
+            # A preemption after an epoch's last step leaves only its validation to do.
+            batches = iter(()) if progress.steps_done == fold_data.steps_per_epoch else (
+                data.train_batches(
+                    fold_data.train_files, image_size=config.image_size,
+                    batch_size=host_batch, steps=fold_data.steps_per_epoch, seed=fold_seed,
+                    epoch=epoch, augment_config=config.augment,
+                    shuffle_buffer=config.shuffle_buffer, deterministic=config.deterministic,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    steps_done=progress.steps_done))
             step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
-            state, train_metrics = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
-                                               config.epochs, mesh, last_good)
+            state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
+                                           config.epochs, mesh, last_good, progress,
+                                           preemption)
+            if preempted:
+                ckpt.save_preempted(epoch * fold_data.steps_per_epoch + progress.steps_done,
+                                    state, loop_state(epoch))
+                raise Preempted(f"preempted at fold {fold} epoch {epoch + 1} step "
+                                f"{progress.steps_done}; run the same command to resume")
+            train_metrics = progress.means(fold_data.steps_per_epoch)
+            progress = EpochProgress()
             val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                num_batches=fold_data.val_batches), mesh)
+                num_batches=fold_data.val_batches, global_order=config.deterministic), mesh)
             raise_if_not_finite(val_metrics, "val_loss",
                                 f"fold {fold}, epoch {epoch + 1}, validation", last_good)
             num_val_examples = val_metrics["num_val_examples"]
@@ -298,24 +358,21 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                     "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
                     "val_per_image_dice": logs["val_per_image_dice"],
                     "num_val_examples": num_val_examples})
-            print(f"fold {fold} epoch {epoch + 1}/{config.epochs} "
-                  f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
-                  f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
-                  f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
-                  f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
-                  + (" *best*" if improved else "")
-                  + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""), flush=True)
+            processes.report(
+                f"fold {fold} epoch {epoch + 1}/{config.epochs} "
+                f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
+                f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
+                f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
+                f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
+                + (" *best*" if improved else "")
+                + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""))
             if scalars is not None:
                 scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
             lr = next_lr
-            ckpt.save_latest(epoch + 1, state, {
-                "epochs_done": epoch + 1, "history": history, "lr": lr, "stopped": stopped,
-                "elapsed_s": elapsed_before + time.time() - fold_started,
-                "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
-                "num_val_examples": num_val_examples})
+            ckpt.save_latest(epoch + 1, state, loop_state(epoch + 1))
             if stopped:
-                print(f"fold {fold}: early stopping after epoch {epoch + 1}; best epoch "
-                      f"{early_stopping.best_epoch + 1}")
+                processes.report(f"fold {fold}: early stopping after epoch {epoch + 1}; best "
+                                 f"epoch {early_stopping.best_epoch + 1}")
             host_memory.release_freed_memory()
     finally:
         ckpt.close()
@@ -356,7 +413,8 @@ def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[st
                          f"batch of {global_batch}; lower config.per_device_batch_size")
     val_counts = {path: counts[path] for path in val_files}
     val_batches = data.num_validation_batches(
-        val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count())
+        val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count(),
+        global_order=config.deterministic)
     num_val = sum(val_counts.values())
     return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train,
                     num_val)
@@ -369,18 +427,22 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     model = build_model(config)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     results = {}
-    for plan in plans:
-        result_path = workdir / f"fold_{plan.fold}" / "result.json"
-        if result_path.exists():
-            results[plan.fold] = json.loads(result_path.read_text())
-            print(f"fold {plan.fold}: finished earlier, best val_dice_coe "
-                  f"{results[plan.fold]['best_val_dice_coe']:.4f}")
-            continue
-        print(f"fold {plan.fold}: {len(plan.train_files)} training files "
-              f"({plan.num_train_examples} images, {plan.steps_per_epoch} steps/epoch), "
-              f"{len(plan.val_files)} validation files", flush=True)
-        results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh,
-                                        init_weights)
+    with processes.PreemptionWatch() as preemption:
+        for plan in plans:
+            result_path = workdir / f"fold_{plan.fold}" / "result.json"
+            finished = processes.decided_by_main(
+                lambda: json.loads(result_path.read_text()) if result_path.exists() else None)
+            if finished is not None:
+                results[plan.fold] = finished
+                processes.report(f"fold {plan.fold}: finished earlier, best val_dice_coe "
+                                 f"{finished['best_val_dice_coe']:.4f}")
+                continue
+            processes.report(
+                f"fold {plan.fold}: {len(plan.train_files)} training files "
+                f"({plan.num_train_examples} images, {plan.steps_per_epoch} steps/epoch), "
+                f"{len(plan.val_files)} validation files")
+            results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh,
+                                            init_weights, preemption)
     return results
 
 
@@ -408,16 +470,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     started = time.time()
     workdir = paths.path(workdir)
     validate_config(config)
-    check_workdir_config(config, workdir)
-    files = data.list_record_files(config.data_dir)
+
+    def check_files() -> tuple[list[str], dict[str, int], bool]:
+        check_workdir_config(config, workdir)
+        files = data.list_record_files(config.data_dir)
+        check_record_files(files, config.image_size)
+        return files, {path: data.count_examples(path) for path in files}, workdir.exists()
+
+    files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
     folds = parse_folds(config.folds, config.num_folds)
-    counts = {path: data.count_examples(path) for path in files}
     plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
-    check_record_files(files, config.image_size)
     init_weights = load_init_weights(config)
-    is_main = jax.process_index() == 0
-    created = not workdir.exists()
+    is_main = processes.is_main()
     try:
         if is_main:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -425,13 +490,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             prepare_record = paths.path(config.data_dir) / "prepare.json"
             if prepare_record.exists():
                 paths.atomic_write(workdir / "prepare.json", prepare_record.read_bytes())
-        print(f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
-              f"({jax.devices()[0].platform}), global batch "
-              f"{config.per_device_batch_size * jax.device_count()}", flush=True)
+        processes.report(
+            f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
+            f"({jax.devices()[0].platform}) in {jax.process_count()} process(es), global batch "
+            f"{config.per_device_batch_size * jax.device_count()}")
         with reporting.compile_log() as compile_seconds:
             results = train_folds(config, workdir, plans, init_weights)
     except BaseException:
-        if is_main and created and not holds_progress(workdir):
+        if is_main and not existed and not holds_progress(workdir):
             with contextlib.suppress(OSError):
                 workdir.rmtree()
         raise
@@ -447,9 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "total_time_s": round(time.time() - started, 1),
         "compile_seconds": summarize_compiles(compile_seconds),
     }
-    if jax.process_index() == 0:
+    if is_main:
         reporting.write_json(workdir / "summary.json", summary)
-    print(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
+    processes.report(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
           f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
           f"{summary['mean_val_per_image_dice']:.4f}; train step compiled in "
           f"{sum(summary['compile_seconds'].get('jit(train_step)', [0])):.0f}s "
@@ -460,19 +526,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
-_MULTIHOST = flags.DEFINE_bool("multihost", False,
-                               "Call jax.distributed.initialize() (TPU pod slices).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join a multi-process run whose processes JAX finds itself (TPU pod "
+    "slices); elsewhere give --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, the same for every process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
-    if _MULTIHOST.value:
-        jax.distributed.initialize()
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(value is not None for value in explicit):
+        if any(value is None for value in explicit):
+            raise ValueError("--coordinator_address, --num_processes and --process_id go "
+                             "together")
+        processes.join(*explicit)
+    elif _MULTIHOST.value:
+        processes.join(None, None, None)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise ValueError("both --config=FILE and --workdir=DIR are required")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Preempted as preempted:
+        # Exit status 0: the run did what was asked of it so far, and schedulers
+        # restart a preempted job by running the same command again.
+        processes.report(str(preempted))
 
 
 if __name__ == "__main__":

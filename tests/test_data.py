@@ -269,3 +269,49 @@ def test_non_example_records_give_one_clear_line(tmp_path, junk):
     with pytest.raises(ValueError, match=f"cannot parse records in .*{bad}") as error:
         list(validation_batches([bad], image_size=SIZE, batch_size=4))
     assert "\n" not in str(error.value)
+
+
+def _rows_of_hosts(batches_per_host: list[list[dict]], key: str) -> list[np.ndarray]:
+    """Each global batch as the hosts' batches put side by side, host 0 first."""
+    return [np.concatenate([host[step][key] for host in batches_per_host])
+            for step in range(len(batches_per_host[0]))]
+
+
+def test_deterministic_global_batches_do_not_depend_on_the_host_count(files):
+    """Two hosts of 2 rows each see, between them, one host's batches of 4, row for row
+    and with the same augmentation."""
+    arguments = dict(augment_config=default_augment_config(), deterministic=True, seed=3)
+    one_host = _train(files, **arguments)
+    two_hosts = [_train(files, batch_size=2, process_index=host, process_count=2, **arguments)
+                 for host in range(2)]
+    for key in ("image", "mask"):
+        for single, joined in zip([b[key] for b in one_host], _rows_of_hosts(two_hosts, key),
+                                  strict=True):
+            np.testing.assert_array_equal(single, joined)
+
+
+def test_a_resumed_deterministic_epoch_continues_where_it_stopped(files):
+    arguments = dict(augment_config=default_augment_config(), deterministic=True, seed=3)
+    whole = _train(files, **arguments)
+    rest = _train(files, steps_done=4, **arguments)
+    assert len(rest) == 2
+    for a, b in zip(whole[4:], rest, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_validation_in_global_order_does_not_depend_on_the_host_count(files):
+    counts = {f: count_examples(f) for f in files}
+    """24 examples in global batches of 10: in the last, host 0 holds the 4 real rows and
+    host 1 only padding."""
+    one_host = list(validation_batches(files, image_size=SIZE, batch_size=10))
+    num_batches = num_validation_batches(counts, batch_size=5, process_count=2,
+                                         global_order=True)
+    two_hosts = [list(validation_batches(files, image_size=SIZE, batch_size=5,
+                                         process_index=host, process_count=2,
+                                         num_batches=num_batches, global_order=True))
+                 for host in range(2)]
+    assert num_batches == len(one_host) == 3
+    for key in ("image", "weight"):
+        for single, joined in zip([b[key] for b in one_host], _rows_of_hosts(two_hosts, key),
+                                  strict=True):
+            np.testing.assert_array_equal(single, joined)
