@@ -8,11 +8,21 @@ from typing import Callable, NoReturn
 TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
                FloatingPointError)
+_failure_handlers: list[Callable[[str, BaseException | None], None]] = []
+
+
+def on_failure(handler: Callable[[str, BaseException | None], None]) -> None:
+    """`handler(message, unexpected)` runs when the command fails: after the one line of
+    a user error (`unexpected` None), or with an error that is not the user's (a
+    multi-process run tells its other processes; `processes.join`)."""
+    _failure_handlers.append(handler)
 
 
 def fail(message: str) -> NoReturn:
     """The one line a user reads when a command cannot go on; exit status 1."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    for handler in _failure_handlers:
+        handler(message, None)
     sys.exit(1)
 
 
@@ -86,5 +96,10 @@ def run_main(main: Callable[[list[str]], None]) -> None:
             if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
                 raise
             fail(" ".join(message_lines(error)))
+        except Exception as error:
+            for handler in _failure_handlers:
+                handler(f"{type(error).__name__}: {' '.join(message_lines(error))[:300]} "
+                        "(traceback in its log)", error)
+            raise
 
     app.run(guarded, flags_parser=parse_flags)

@@ -22,8 +22,11 @@ from jaxseg import host_memory
 AXIS = "batch"
 
 
-def make_mesh() -> Mesh:
-    return jax.make_mesh((jax.device_count(),), (AXIS,))
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A mesh of every device of the run, or of `devices` (this process's own, for work
+    that each process does on its own share)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
 
 
 def host_batch_size(per_device_batch_size: int) -> int:

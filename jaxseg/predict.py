@@ -8,7 +8,8 @@ predicted in batches over all devices: every fold's best model and, with flip TT
 the four flips of each window, averaged as probabilities. The windows are blended by
 `jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
 bool mask at model scale; the full-resolution RLE is computed from it directly.
-Everything runs on one host.
+Several processes (the hosts of a pod slice) each predict their share of the slides
+on their own devices, and process 0 writes the submission.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import checkpoints, convert, host_memory, models, parallel, paths, slides, stitch
+from jaxseg import (checkpoints, convert, host_memory, models, parallel, paths, processes,
+                    slides, stitch)
 
 TTA_MODES = ("none", "flips")
 # The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
@@ -210,22 +212,22 @@ def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
                          ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
     """(predict_fn for stitch, windows per call): uint8 windows -> probabilities.
 
-    Every call gets the full global batch (a short last batch is padded, and the
-    padding's rows come back for stitch to ignore), so the program compiles once. The
-    result is returned before it is computed: stitch reads the next windows while the
-    devices work.
+    Every call gets the full batch of this process's devices (a short last batch is
+    padded, and the padding's rows come back for stitch to ignore), so the program
+    compiles once. The result is returned before it is computed: stitch reads the next
+    windows while the devices work.
     """
     if per_device_batch < 1:
         raise ValueError(f"--batch_size must be >= 1, got {per_device_batch}")
     if tta not in TTA_MODES:
         raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(jax.local_devices())
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *ensemble.variables)
     stacked = parallel.replicate(stacked, mesh)
     step = parallel.data_parallel(
         functools.partial(ensemble_probabilities, model=ensemble.model, tta=tta), mesh,
         num_args=2, batch_args=(1,), shard_outputs=True)
-    global_batch = per_device_batch * jax.device_count()
+    global_batch = per_device_batch * jax.local_device_count()
 
     def predict(windows: np.ndarray) -> jax.Array:
         if len(windows) < global_batch:
@@ -270,7 +272,8 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction))."""
     height, width = model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
-    with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False) as bar:
+    with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
+              disable=not processes.is_main()) as bar:
         return stitch.predict_mask(grid, scaled_reader(slide, options.reduction), predict_fn,
                                    options.threshold, blend=options.blend,
                                    batch_size=options.batch_size, progress=bar.update)
@@ -355,23 +358,34 @@ def check_readable(images: list[paths.Path]) -> None:
 def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
                    options: SlideOptions, out: str | os.PathLike,
                    overlays: str | os.PathLike | None = None) -> None:
-    """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails."""
-    paths.make_parent(out)
-    with paths.atomic_open(out) as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "predicted"])
-        for number, path in enumerate(tqdm(images, desc="slides", unit="slide")):
-            with slides.open_slide(path) as slide:
-                mask = predict_slide(slide, predict_fn, options,
-                                     f"{path.stem} ({number + 1}/{len(images)})")
-                writer.writerow([path.stem, encode_upsampled(
-                    mask, options.reduction, (slide.height, slide.width))])
-                if overlays:
-                    write_overlay(slide, mask, options.reduction,
-                                  paths.path(overlays) / f"{path.stem}.png")
-            del mask
-            host_memory.guard_if_crowded()
-            host_memory.release_freed_memory()
+    """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails.
+
+    With several processes each predicts every `process_count`-th image, and process 0
+    writes all rows in the order of `images`.
+    """
+    share = images[jax.process_index()::jax.process_count()]
+    rows = {}
+    for number, path in enumerate(tqdm(share, desc="slides", unit="slide",
+                                       disable=not processes.is_main())):
+        with slides.open_slide(path) as slide:
+            mask = predict_slide(slide, predict_fn, options,
+                                 f"{path.stem} ({number + 1}/{len(share)})")
+            rows[path.stem] = encode_upsampled(mask, options.reduction,
+                                               (slide.height, slide.width))
+            if overlays:
+                write_overlay(slide, mask, options.reduction,
+                              paths.path(overlays) / f"{path.stem}.png")
+        del mask
+        host_memory.guard_if_crowded()
+        host_memory.release_freed_memory()
+    for process_rows in processes.gathered(rows):
+        rows.update(process_rows)
+    if processes.is_main():
+        paths.make_parent(out)
+        with paths.atomic_open(out) as file:
+            writer = csv.writer(file)
+            writer.writerow(["id", "predicted"])
+            writer.writerows([path.stem, rows[path.stem]] for path in images)
 
 
 def define_flags() -> None:
@@ -400,6 +414,7 @@ def define_flags() -> None:
                          "flip TTA).")
     flags.DEFINE_string("overlays", None, "Directory for downscaled PNG overlays of the "
                         "prediction on each image.")
+    processes.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -408,11 +423,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
+    processes.join_from_flags()
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
     images = find_images(config.images)
-    check_readable(images)
+    check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
                              config.tile_size, config.reduction)
     predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
@@ -425,12 +441,15 @@ def main(argv: list[str]) -> None:
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(config.overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold)
-    print(f"{len(images)} images; {len(ensemble.variables)} model(s) from {ensemble.source}; "
-          f"{ensemble.tile} px windows at 1/{ensemble.reduction} scale, overlap "
-          f"{options.overlap} px, {config.blend} blend, TTA {config.tta}, "
-          f"{jax.device_count()} devices", file=sys.stderr, flush=True)
+    if processes.is_main():
+        print(f"{len(images)} images; {len(ensemble.variables)} model(s) from "
+              f"{ensemble.source}; {ensemble.tile} px windows at 1/{ensemble.reduction} scale, "
+              f"overlap {options.overlap} px, {config.blend} blend, TTA {config.tta}, "
+              f"{jax.device_count()} devices in {jax.process_count()} process(es)",
+              file=sys.stderr, flush=True)
     predict_to_csv(images, predict_fn, options, config.out, config.overlays)
-    print(f"wrote {config.out}", file=sys.stderr)
+    if processes.is_main():
+        print(f"wrote {config.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,22 @@ orbax keeps its own multi-host protocol for checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
-from typing import Any, Callable
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, NoReturn
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxseg import cli
 
@@ -23,14 +32,51 @@ from jaxseg import cli
 # SHUTDOWN_TIMEOUT_S for the others (JAX's default 300 s).
 HEARTBEAT_TIMEOUT_S = 10
 SHUTDOWN_TIMEOUT_S = 30
+# A process that fails says why under this key prefix of the coordination service's
+# key-value store; the others look every FAILURE_POLL_S and stop with that line. Process
+# 0 hosts the store, so it leaves last: it acknowledges a failure at once, then lingers
+# FAILURE_GRACE_S while the failing process (waiting for that acknowledgement) leaves.
+_FAILURES = "jaxseg/failed/"
+_ACKNOWLEDGED = "jaxseg/failure_seen"
+FAILURE_POLL_S = 0.5
+FAILURE_GRACE_S = 2.0
 # Broadcast payloads are padded to a multiple of this, so that a handful of programs
 # serve every decision instead of one compilation per payload length.
 _PAYLOAD_QUANTUM = 4096
 
 
+_JOIN_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def define_flags() -> None:
+    """The flags of a command that may run as several processes (train, predict)."""
+    flags.DEFINE_bool("multihost", False, "Join a multi-process run whose processes JAX finds "
+                      "itself (TPU pod slices); elsewhere give --coordinator_address, "
+                      "--num_processes and --process_id.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "HOST:PORT of process 0, the same for every process.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+    flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1.")
+
+
+def join_from_flags() -> None:
+    """Joins the run the flags of `define_flags` describe; one process when none is set."""
+    explicit = tuple(flags.FLAGS[name].value for name in _JOIN_FLAGS)
+    if any(value is not None for value in explicit):
+        if any(value is None for value in explicit):
+            raise ValueError(f"--{', --'.join(_JOIN_FLAGS)} go together")
+        join(*explicit)
+    elif flags.FLAGS.multihost:
+        join(None, None, None)
+
+
 def join(coordinator_address: str | None, num_processes: int | None,
          process_id: int | None) -> None:
     """Joins a multi-process run; with no arguments JAX finds them itself (TPU pods).
+
+    From then on a command that fails on one process stops them all with its reason:
+    one process's bad record must not leave the others waiting in a collective until
+    the heartbeat timeout aborts them with a native stack trace.
 
     CPU processes need gloo for their collectives; XLA's default CPU backend has none
     across processes.
@@ -50,6 +96,83 @@ def join(coordinator_address: str | None, num_processes: int | None,
         # that found its program there would wait for another still compiling).
         jax.config.update("jax_enable_compilation_cache", False)
         jax.config.update("jax_share_binary_between_hosts", True)
+    if jax.process_count() > 1:
+        threading.Thread(target=_stop_when_another_fails, name="jaxseg-failure-watch",
+                         daemon=True).start()
+        cli.on_failure(stop_every_process)
+
+
+def _distributed_client():
+    import orbax.checkpoint as ocp
+
+    return ocp.multihost.get_jax_distributed_client()
+
+
+_failed_here = threading.Event()
+_exit_lock = threading.Lock()
+
+
+def _failures_elsewhere(client) -> list[tuple[str, str]]:
+    own_key = f"{_FAILURES}{jax.process_index()}"
+    return sorted(failure for failure in client.key_value_dir_get(_FAILURES)
+                  if failure[0] != own_key)
+
+
+def _stop_when_another_fails() -> None:
+    client = _distributed_client()
+    while True:
+        time.sleep(FAILURE_POLL_S)
+        try:
+            failures = _failures_elsewhere(client)
+        except Exception:  # noqa: BLE001  the run is shutting down, or the service is gone
+            return
+        if not failures:
+            continue
+        if is_main():
+            client.key_value_set(_ACKNOWLEDGED, "")
+        if _failed_here.is_set():
+            return  # this process is already stopping, with its own reason
+        if is_main():
+            time.sleep(FAILURE_GRACE_S)
+        _exit_now(failures[0][1])
+
+
+def stop_every_process(message: str, unexpected: BaseException | None = None) -> NoReturn:
+    """Tells the other processes why this one stops, then stops it (status 1) without
+    JAX's shutdown barrier, which the others, gone, would never reach.
+
+    `unexpected`: an error that is not the user's; when another process has already
+    failed it is only the echo of that (a collective whose peer left), and that
+    process's reason is the one to give.
+    """
+    client, index = _distributed_client(), jax.process_index()
+    if unexpected is not None:
+        with contextlib.suppress(Exception):
+            failures = _failures_elsewhere(client)
+            if failures:
+                _exit_now(failures[0][1])
+        traceback.print_exception(unexpected)
+    _failed_here.set()
+    with contextlib.suppress(Exception):
+        client.key_value_set(f"{_FAILURES}{index}", f"process {index}: {message}")
+        if is_main():
+            time.sleep(FAILURE_GRACE_S)
+        else:
+            client.blocking_key_value_get(_ACKNOWLEDGED, int(4 * FAILURE_POLL_S * 1000))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _exit_now(message: str) -> NoReturn:
+    from tqdm import tqdm
+
+    with _exit_lock:  # the watcher and the main thread may both get here
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.clear()  # the error gets a line of its own
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def is_main() -> bool:
@@ -85,6 +208,18 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
     return outcome["value"]
 
 
+def gathered(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.int64(len(payload)))
+    padded = np.zeros(-(-int(lengths.max()) // _PAYLOAD_QUANTUM) * _PAYLOAD_QUANTUM, np.uint8)
+    padded[:len(payload)] = payload
+    payloads = multihost_utils.process_allgather(padded)
+    return [json.loads(row[:length].tobytes()) for row, length in zip(payloads, lengths)]
+
+
 def _broadcast_bytes(payload: bytes) -> bytes:
     length = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
     padded = np.zeros(-(-length // _PAYLOAD_QUANTUM) * _PAYLOAD_QUANTUM, np.int32)
@@ -97,14 +232,18 @@ class PreemptionWatch:
     """Whether the run should stop after the current step, the same step on every process.
 
     SIGTERM is what a preempted or maintained TPU VM receives, on one host or on all.
-    Each process catches it itself, and after every step the processes all-gather their
-    flags (a few bytes, but one host-device round trip per step), so all stop after the
-    same step even when only one got the signal.
+    Each process catches it itself. With several processes, every step also starts an
+    all-gather of the flags (a few bytes, queued behind the step on the devices) and
+    reads the one the previous step started: all processes read the same answer after
+    the same step, and the host never waits for the step it just queued.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mesh: Mesh) -> None:
         self._signalled = False
         self._previous_handler: Any = None
+        self._flags = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._in_flight: jax.Array | None = None
 
     def __enter__(self) -> PreemptionWatch:
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -120,4 +259,7 @@ class PreemptionWatch:
         """Called after every train step on every process."""
         if jax.process_count() == 1:
             return self._signalled
-        return bool(np.any(multihost_utils.process_allgather(np.int32(self._signalled))))
+        local_flags = np.full(len(self._flags.mesh.local_devices), self._signalled)
+        answered, self._in_flight = self._in_flight, self._any(
+            jax.make_array_from_process_local_data(self._flags, local_flags))
+        return answered is not None and bool(answered.addressable_data(0))

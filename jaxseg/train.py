@@ -427,7 +427,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     model = build_model(config)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     results = {}
-    with processes.PreemptionWatch() as preemption:
+    with processes.PreemptionWatch(mesh) as preemption:
         for plan in plans:
             result_path = workdir / f"fold_{plan.fold}" / "result.json"
             finished = processes.decided_by_main(
@@ -526,27 +526,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Join a multi-process run whose processes JAX finds itself (TPU pod "
-    "slices); elsewhere give --coordinator_address, --num_processes and --process_id.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, the same for every process.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1.")
+processes.define_flags()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
-    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if any(value is not None for value in explicit):
-        if any(value is None for value in explicit):
-            raise ValueError("--coordinator_address, --num_processes and --process_id go "
-                             "together")
-        processes.join(*explicit)
-    elif _MULTIHOST.value:
-        processes.join(None, None, None)
+    processes.join_from_flags()
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise ValueError("both --config=FILE and --workdir=DIR are required")
     try:
