@@ -37,9 +37,10 @@ EPOCH_1_DONE = re.compile(r"^fold 0 epoch 1/2 ", re.MULTILINE)
 PREEMPTED = re.compile(r"^preempted at fold 0 epoch 2 step (\d); run the same command to "
                        r"resume$", re.MULTILINE)
 STARTED = re.compile(r"^\d+ record files", re.MULTILINE)
-# How long the others may take to stop once one process is gone: JAX's heartbeat
-# timeout, then its error polling; and once one fails, our polling and grace period.
-KILLED_STOP_S = processes.HEARTBEAT_TIMEOUT_S + 20
+# How long the others may take to stop once one process is killed (JAX's heartbeat
+# timeout, then its error polling; the bound the issue asks for), and once one fails
+# (our polling, acknowledgement and grace period, with room for a loaded machine).
+KILLED_STOP_S = 60
 FAILED_STOP_S = 10 * (processes.FAILURE_POLL_S + processes.FAILURE_GRACE_S)
 
 
@@ -126,18 +127,23 @@ def kill_one_then_run(record_dir: Path, workdir: Path, num_processes: int
             run(record_dir, workdir, num_processes))
 
 
-def fail_in_one(record_dir: Path, workdir: Path, num_processes: int) -> list[str]:
+def fail_in_one(record_dir: Path, workdir: Path, num_processes: int
+                ) -> tuple[list[int], float, list[str]]:
     """A run whose last process reads a bad record (a tile of half the size, past the
-    first record of a file only it reads); each process's log."""
+    first record of a file only it reads): the exit statuses, the seconds from the
+    first process's exit to the last's, and each process's log."""
     started = _start(record_dir, workdir, "failed", num_processes,
                      "--config.deterministic=False")
     try:
+        _wait(started, f"{workdir}.failed", succeed=False,
+              until=lambda _: any(process.poll() is not None for process in started))
+        first_exit = time.monotonic()
         _wait(started, f"{workdir}.failed", succeed=False)
+        spread = time.monotonic() - first_exit
     finally:
         _kill(started)
-    assert all(process.returncode == 1 for process in started), \
-        [process.returncode for process in started]
-    return [Path(f"{workdir}.failed.{index}.log").read_text() for index in range(num_processes)]
+    return ([process.returncode for process in started], spread,
+            [Path(f"{workdir}.failed.{index}.log").read_text() for index in range(num_processes)])
 
 
 def predict(workdir: Path, images: Path, out: Path, num_processes: int) -> str:
@@ -290,7 +296,9 @@ def test_a_killed_process_stops_the_others_and_the_same_command_trains_again(run
 
 def test_a_bad_record_in_one_process_stops_every_process_naming_the_file(runs,
                                                                           bad_record_dir):
-    logs = runs["failed"].result()
+    statuses, spread, logs = runs["failed"].result()
+    assert statuses == [1] * PROCESSES
+    assert spread <= FAILED_STOP_S
     damaged = bad_record_dir[1]
     reason = (f"{damaged}: a record's image has {(SIZE // 2) ** 2 * 3} bytes, not those of "
               f"a {SIZE}x{SIZE}x3 uint8 tile; do the records match image_size={SIZE}?")
