@@ -88,7 +88,7 @@ def _counts_of_masks(pred_rle: str, true_mask: np.ndarray) -> tuple[int, int, in
 def find_masks(directory: str | os.PathLike) -> dict[str, paths.Path]:
     """{id: mask file} of a folder of `<id>.png` (or TIFF/JPEG) masks."""
     directory = paths.path(directory)
-    masks = {path.stem: path for path in sorted(directory.iterdir())
+    masks = {slides.image_id(path): path for path in sorted(directory.iterdir())
              if path.suffix.lower() in slides.IMAGE_SUFFIXES}
     if not masks:
         raise FileNotFoundError(f"{directory}: no mask images "
@@ -103,14 +103,14 @@ def read_mask(path: paths.Path) -> np.ndarray:
 
 
 def image_shapes(pattern: str) -> dict[str, Shape]:
-    """{file stem: (height, width)} from the headers of the images matching a glob."""
+    """{image id: (height, width)} from the headers of the images matching a glob."""
     found = paths.glob(pattern)
     if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
     shapes = {}
     for path in found:
         with slides.open_slide(path) as slide:
-            shapes[path.stem] = (slide.height, slide.width)
+            shapes[slides.image_id(path)] = (slide.height, slide.width)
     return shapes
 
 

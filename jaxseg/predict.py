@@ -337,8 +337,8 @@ def find_images(pattern: str) -> list[paths.Path]:
     found = paths.glob(pattern)
     if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
-    stems = [path.stem for path in found]
-    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    ids = [slides.image_id(path) for path in found]
+    duplicates = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
     if duplicates:
         raise ValueError(f"--images {pattern!r}: several files share the id "
                          f"{duplicates[0]!r} (ids are file names without extension)")
@@ -361,14 +361,15 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
         writer = csv.writer(file)
         writer.writerow(["id", "predicted"])
         for number, path in enumerate(tqdm(images, desc="slides", unit="slide")):
+            image_id = slides.image_id(path)
             with slides.open_slide(path) as slide:
                 mask = predict_slide(slide, predict_fn, options,
-                                     f"{path.stem} ({number + 1}/{len(images)})")
-                writer.writerow([path.stem, encode_upsampled(
+                                     f"{image_id} ({number + 1}/{len(images)})")
+                writer.writerow([image_id, encode_upsampled(
                     mask, options.reduction, (slide.height, slide.width))])
                 if overlays:
                     write_overlay(slide, mask, options.reduction,
-                                  paths.path(overlays) / f"{path.stem}.png")
+                                  paths.path(overlays) / f"{image_id}.png")
             del mask
             host_memory.guard_if_crowded()
             host_memory.release_freed_memory()

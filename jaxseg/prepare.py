@@ -5,7 +5,7 @@
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
 `train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images with binary masks of
-the same stem (nonzero = glomerulus), any size. Each slide or image becomes
+the same id (the file name without its image extension; nonzero = glomerulus), any size. Each slide or image becomes
 `<id>-<count>.tfrec` (jaxseg.records) and `OUT_DIR/prepare.json` records
 {tile_size, reduction, overlap, thresholds, padding, slides: {id: count}}: training
 and prediction read the reduction from it.
@@ -54,7 +54,7 @@ from tqdm import tqdm
 from jaxseg import cli, paths, records
 from jaxseg.rle import RleMask
 from jaxseg.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES, MaskImage, Slide, downscale_area, \
-    open_mask, open_slide
+    image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
 PADDING = "zeros, split evenly before and after"
@@ -159,7 +159,7 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
     """Checked jobs for `train/<id>.tiff` + `train.csv`; CSV rows without a slide are
     skipped so that a subset of the slides can be prepared."""
     data_dir = paths.path(data_dir)
-    slide_paths = _images_by_stem(data_dir / "train", TIFF_SUFFIXES)
+    slide_paths = _images_by_id(data_dir / "train", TIFF_SUFFIXES)
     if not slide_paths:
         raise FileNotFoundError(f"{data_dir / 'train'}: no .tiff slides found")
     encodings = _read_encodings(data_dir / "train.csv")
@@ -177,18 +177,18 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
 
 
 def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[SlideJob]:
-    """Checked jobs pairing images with the masks of the same stem."""
-    images = _images_by_stem(paths.path(images_dir), IMAGE_SUFFIXES)
-    masks = _images_by_stem(paths.path(masks_dir), IMAGE_SUFFIXES)
+    """Checked jobs pairing images with the masks of the same id."""
+    images = _images_by_id(paths.path(images_dir), IMAGE_SUFFIXES)
+    masks = _images_by_id(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     jobs = []
-    for stem, path in images.items():
-        if stem not in masks:
+    for slide_id, path in images.items():
+        if slide_id not in masks:
             raise FileNotFoundError(f"{masks_dir}: no mask for image {path.name}")
-        with open_slide(path) as slide, open_mask(masks[stem]) as mask:
-            _check_same_size(str(masks[stem]), mask, slide)
-        jobs.append(SlideJob(stem, path, masks[stem], slide.height, slide.width))
+        with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
+            _check_same_size(str(masks[slide_id]), mask, slide)
+        jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width))
     return jobs
 
 
@@ -299,19 +299,20 @@ def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
     return encodings
 
 
-def _images_by_stem(directory: paths.Path, suffixes: tuple[str, ...]
+def _images_by_id(directory: paths.Path, suffixes: tuple[str, ...]
                     ) -> dict[str, paths.Path]:
-    """{stem: path}, sorted; two files of one stem would write the same records."""
+    """{id: path}, sorted; two files of one id would write the same records."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     found = {}
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue
-        if path.stem in found:
-            raise ValueError(f"{directory}: two files named {path.stem} "
-                             f"({found[path.stem].name}, {path.name})")
-        found[path.stem] = path
+        slide_id = image_id(path)
+        if slide_id in found:
+            raise ValueError(f"{directory}: two files named {slide_id} "
+                             f"({found[slide_id].name}, {path.name})")
+        found[slide_id] = path
     return found
 
 

@@ -77,10 +77,11 @@ def fake_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A tiled TIFF larger than one window and a PNG smaller than one window."""
+    """A tiled OME-TIFF larger than one window (id `slide1`, as the competition writes
+    it) and a PNG smaller than one window."""
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(5)
-    tifffile.imwrite(folder / "slide1.tiff", rng.integers(0, 256, (190, 301, 3), np.uint8),
+    tifffile.imwrite(folder / "slide1.ome.tiff", rng.integers(0, 256, (190, 301, 3), np.uint8),
                      tile=(32, 32))
     Image.fromarray(rng.integers(0, 256, (101, 77, 3), np.uint8)).save(folder / "tile2.png")
     return folder
@@ -145,10 +146,11 @@ def test_predict_end_to_end_writes_rles_of_the_predicted_masks(submission, image
             shape = (slide.height, slide.width)
             mask = predict.predict_slide(slide, predict_fn, options())
         assert mask.shape == predict.model_scale_shape(*shape, REDUCTION)
-        np.testing.assert_array_equal(rle.decode(encodings[path.stem], shape),
+        np.testing.assert_array_equal(rle.decode(encodings[slides.image_id(path)], shape),
                                       upsample(mask, REDUCTION, shape))
         fractions.append(mask.mean())
-        overlay = np.asarray(Image.open(out.parent / "overlays" / f"{path.stem}.png"))
+        overlay = np.asarray(Image.open(out.parent / "overlays" /
+                                        f"{slides.image_id(path)}.png"))
         assert overlay.shape == (*mask.shape, 3)
     assert 0 < np.mean(fractions) < 1, fractions  # the random model predicts both classes
     assert not list(out.parent.glob(".*"))

@@ -181,6 +181,15 @@ def test_images_mode_pairs_stems_and_counts_in_names(tmp_path):
         b_mask, mask[:128, 170:298].reshape(64, 2, 64, 2).mean(axis=(1, 3)) >= 0.5)
 
 
+def test_an_ome_tiff_slide_is_the_id_train_csv_names(tmp_path):
+    """train.csv writes the id without the whole extension: `x.ome.tiff` is `x`."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    train = tmp_path / "data" / "train"
+    (train / "slide0.tiff").rename(train / "slide0.ome.tiff")
+    [job] = prepare.competition_jobs(tmp_path / "data")
+    assert (job.slide_id, job.image_path.name) == ("slide0", "slide0.ome.tiff")
+
+
 def test_rerun_replaces_the_slides_records(tmp_path):
     image, mask = make_slide(0)
     write_competition(tmp_path / "data", {"slide0": (image, mask)})
