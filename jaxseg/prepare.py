@@ -51,7 +51,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from jaxseg import cli, paths, records
+from jaxseg import cli, paths, records, rle
 from jaxseg.rle import RleMask
 from jaxseg.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES, MaskImage, Slide, downscale_area, \
     image_id, open_mask, open_slide
@@ -168,10 +168,8 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
         if slide_id not in encodings:
             raise ValueError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} ({path})")
         height, width = _slide_size(path)
-        try:
-            mask = RleMask(encodings[slide_id], (height, width))
-        except ValueError as error:
-            raise ValueError(f"{data_dir / 'train.csv'}, id {slide_id}: {error}") from None
+        mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
+                               slide_id)
         jobs.append(SlideJob(slide_id, path, mask, height, width))
     return jobs
 
