@@ -271,9 +271,13 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     height, width = model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False) as bar:
-        return stitch.predict_mask(grid, scaled_reader(slide, options.reduction), predict_fn,
-                                   options.threshold, blend=options.blend,
-                                   batch_size=options.batch_size, progress=bar.update)
+        try:
+            return stitch.predict_mask(grid, scaled_reader(slide, options.reduction),
+                                       predict_fn, options.threshold, blend=options.blend,
+                                       batch_size=options.batch_size, progress=bar.update)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
+                                     "scale); stopped") from None
 
 
 def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -> str:

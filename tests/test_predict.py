@@ -199,6 +199,15 @@ def test_a_failing_slide_leaves_no_csv(images, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_nan_prediction_stops_naming_slide_and_window(images):
+    """Not an empty mask: the model's NaN is reported, naming where it came from."""
+    path = images / "slide1.ome.tiff"
+    with slides.open_slide(path) as slide, pytest.raises(FloatingPointError, match=(
+            rf"^{path}: window 1 of 6 \(rows 0:64, cols 0:64\): 4096 of 4096 predicted "
+            r"probabilities are NaN or infinite \(pixels at 1/2 scale\); stopped$")):
+        predict.predict_slide(slide, lambda batch: np.full(batch.shape[:3], np.nan), options())
+
+
 def test_input_errors_name_the_file(fake_run, images, tmp_path):
     with pytest.raises(FileNotFoundError, match="no files match"):
         predict.find_images(str(tmp_path / "*.tiff"))
