@@ -25,6 +25,8 @@ from orbax.checkpoint import checkpoint_manager
 from jaxseg import paths
 
 BEST_METRIC = "val_dice_coe"
+# Written by jaxseg.train as a fold's last file, once its training has ended.
+FOLD_RESULT = "result.json"
 
 
 class FoldCheckpoints:
@@ -118,6 +120,12 @@ def has_latest(fold_dir: str | os.PathLike) -> bool:
     mid-save leaves does not count)."""
     return any(ocp.utils.checkpoint_steps(paths.absolute(fold_dir) / name)
                for name in ("latest", "preempted"))
+
+
+def fold_finished(fold_dir: str | os.PathLike) -> bool:
+    """Whether the fold's training ended; until then its best checkpoint is a model
+    still being trained (or left by a run that stopped)."""
+    return (paths.path(fold_dir) / FOLD_RESULT).exists()
 
 
 def load_best_variables(fold_dir: str | os.PathLike) -> dict:
