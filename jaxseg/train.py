@@ -475,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         check_workdir_config(config, workdir)
         files = data.list_record_files(config.data_dir)
         check_record_files(files, config.image_size)
-        return files, {path: data.count_examples(path) for path in files}, workdir.exists()
+        return files, data.checked_counts(files, config.data_dir), workdir.exists()
 
     files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
