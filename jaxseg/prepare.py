@@ -7,8 +7,10 @@ Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
 `train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images with binary masks of
 the same id (the file name without its image extension; nonzero = glomerulus), any size. Each slide or image becomes
 `<id>-<count>.tfrec` (jaxseg.records) and `OUT_DIR/prepare.json` records
-{tile_size, reduction, overlap, thresholds, padding, slides: {id: count}}: training
-and prediction read the reduction from it.
+{tile_size, reduction, overlap, thresholds, padding, slides: {id: count},
+skipped_slides: [id]}: training checks its files against it, and prediction reads the
+reduction from it. A slide none of whose tiles passes the background filter is skipped
+with a warning: it has no record file.
 
 Tiling: a grid of --tile_size full-resolution windows, --overlap apart (pixels, or a
 fraction of the tile when below 1), covers every pixel; the slide is padded with zeros
@@ -43,6 +45,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -212,15 +215,27 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
                 counts = dict(_tile_slide(job, config, staging, bar.update) for job in jobs)
             else:
                 counts = _tile_in_processes(jobs, config, staging, workers, bar)
+        # A slide without tissue would make an empty record file, which training rejects.
+        skipped = [job for job in jobs if not counts[job.slide_id]]
+        if len(skipped) == len(jobs):
+            raise ValueError(f"no tile of any slide passes the background filter "
+                             f"(saturation > {config.saturation_threshold} on more than "
+                             f"{config.min_pixels} pixels): nothing to train on")
+        for job in skipped:
+            print(f"warning: {job.image_path}: no tile passes the background filter; slide "
+                  f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
         for job in jobs:
             _replace_records(out_dir, job.slide_id, os.path.join(
-                staging, records.record_name(job.slide_id, counts[job.slide_id])))
+                staging, records.record_name(job.slide_id, counts[job.slide_id]))
+                if counts[job.slide_id] else None)
         summary = {"tile_size": config.tile_size, "reduction": config.reduction,
                    "overlap": config.overlap,
                    "thresholds": {"saturation": config.saturation_threshold,
                                   "min_pixels": config.min_pixels},
                    "padding": PADDING,
-                   "slides": {job.slide_id: counts[job.slide_id] for job in jobs}}
+                   "slides": {job.slide_id: counts[job.slide_id] for job in jobs
+                              if counts[job.slide_id]},
+                   "skipped_slides": [job.slide_id for job in skipped]}
         paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -234,7 +249,7 @@ def _tile_slide(job: SlideJob, config: TilingConfig, out_dir: str,
     with open_slide(job.image_path) as slide, mask_source as mask:
         path = records.write_records(out_dir, job.slide_id,
                                      cut_tiles(slide, mask, config, progress))
-    return job.slide_id, records.count_from_name(path)
+    return job.slide_id, 0 if path is None else records.count_from_name(path)
 
 
 _progress_queue = None
@@ -270,14 +285,16 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
     return counts
 
 
-def _replace_records(out_dir: paths.Path, slide_id: str, staged: str) -> None:
-    """Moves a slide's records in, removing older `<id>-<count>.tfrec` of that slide."""
+def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> None:
+    """Moves a slide's records in (None: the slide has none now), removing older
+    `<id>-<count>.tfrec` of that slide."""
     stale = re.compile(re.escape(slide_id) + r"-[0-9]+" + re.escape(records.RECORD_SUFFIX))
-    name = os.path.basename(staged)
+    name = None if staged is None else os.path.basename(staged)
     for old in out_dir.iterdir():
         if stale.fullmatch(old.name) and old.name != name:
             old.unlink()
-    paths.publish(staged, out_dir / name)
+    if staged is not None:
+        paths.publish(staged, out_dir / name)
 
 
 def _read_encodings(csv_path: paths.Path) -> dict[str, str]:

@@ -110,7 +110,8 @@ def test_tiles_are_the_right_windows_of_image_and_mask(tmp_path, overlap, pad_y,
     assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary == {
         "tile_size": TILE, "reduction": REDUCTION, "overlap": overlap,
         "thresholds": {"saturation": 40, "min_pixels": 62},
-        "padding": prepare.PADDING, "slides": {"slide0": len(expected)}}
+        "padding": prepare.PADDING, "slides": {"slide0": len(expected)},
+        "skipped_slides": []}
 
 
 def test_grid_starts_and_overlap():
@@ -188,6 +189,31 @@ def test_an_ome_tiff_slide_is_the_id_train_csv_names(tmp_path):
     (train / "slide0.tiff").rename(train / "slide0.ome.tiff")
     [job] = prepare.competition_jobs(tmp_path / "data")
     assert (job.slide_id, job.image_path.name) == ("slide0", "slide0.ome.tiff")
+
+
+def test_a_slide_without_tissue_is_skipped_and_named(tmp_path, capsys):
+    """Training rejects an empty record file, so none is written: the glass-only slide
+    is named in a warning and in prepare.json, and its old records go."""
+    image, mask = make_slide(0)
+    glass = np.broadcast_to(np.array(GLASS, np.uint8), image.shape).copy()
+    write_competition(tmp_path / "data", {"glass": (glass, mask), "tissue": (image, mask)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "glass-4.tfrec").write_bytes(b"an earlier tiling")
+    summary = run_competition(tmp_path / "data", tmp_path / "out")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"warning: {tmp_path / 'data' / 'train' / 'glass.tiff'}: no tile passes the "
+        "background filter; slide glass is skipped (no record file)")
+    count = summary["slides"]["tissue"]
+    assert record_files(tmp_path / "out") == ["prepare.json", f"tissue-{count}.tfrec"]
+    assert (summary["slides"], summary["skipped_slides"]) == ({"tissue": count}, ["glass"])
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary
+
+    write_competition(tmp_path / "glass_only", {"glass": (glass, mask)})
+    with pytest.raises(ValueError, match="^no tile of any slide passes the background "
+                                         "filter \\(saturation > 40 on more than 62 "
+                                         "pixels\\): nothing to train on$"):
+        run_competition(tmp_path / "glass_only", tmp_path / "out2")
+    assert record_files(tmp_path / "out2") == []
 
 
 def test_rerun_replaces_the_slides_records(tmp_path):
