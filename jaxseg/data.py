@@ -123,7 +123,8 @@ def _check_against_prepare_record(files: Sequence[str], data_dir: str | os.PathL
     missing = sorted(listed - set(present))
     if missing:
         raise ValueError(f"{record}: lists {missing[0]}, which {data_dir} lacks "
-                         f"({len(missing)} such file(s)); an incomplete copy?")
+                         f"({len(missing)} such file(s)); an incomplete copy, or a "
+                         "jaxseg.prepare stopped while moving records in?")
 
 
 def kfold_splits(files: Sequence[str], num_folds: int,

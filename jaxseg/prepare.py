@@ -5,12 +5,12 @@
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
 `train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images with binary masks of
-the same id (the file name without its image extension; nonzero = glomerulus), any size. Each slide or image becomes
-`<id>-<count>.tfrec` (jaxseg.records) and `OUT_DIR/prepare.json` records
-{tile_size, reduction, overlap, thresholds, padding, slides: {id: count},
-skipped_slides: [id]}: training checks its files against it, and prediction reads the
-reduction from it. A slide none of whose tiles passes the background filter is skipped
-with a warning: it has no record file.
+the same id (the file name without its image extension; nonzero = glomerulus), any
+size. Each slide or image becomes `<id>-<count>.tfrec` (jaxseg.records) and
+`OUT_DIR/prepare.json` records {tile_size, reduction, overlap, thresholds, padding,
+slides: {id: count}, skipped_slides: [id]}: training checks its files against it, and
+prediction reads the reduction from it. A slide none of whose tiles passes the
+background filter is skipped with a warning: it has no record file.
 
 Tiling: a grid of --tile_size full-resolution windows, --overlap apart (pixels, or a
 fraction of the tile when below 1), covers every pixel; the slide is padded with zeros
@@ -33,7 +33,9 @@ a worker holds about one full-resolution window. Slides run in parallel across
 --workers processes. All inputs are checked before anything is written, tiles are
 written to a hidden staging directory and moved into OUT_DIR only when every slide
 has succeeded, so a failed run leaves no .tfrec or prepare.json behind; a rerun
-replaces the records of the slides it writes.
+replaces the records of the slides it writes, and removes the staging directories
+of killed runs. An OUT_DIR holding records of other slides is refused: training
+would mix the two tilings.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -56,16 +59,18 @@ from tqdm import tqdm
 
 from jaxseg import cli, paths, records, rle
 from jaxseg.rle import RleMask
-from jaxseg.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES, MaskImage, Slide, downscale_area, \
-    image_id, open_mask, open_slide
+from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_TILE_SIZE, TIFF_SUFFIXES, MaskImage, Slide, \
+    downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
+_STAGING_PREFIX = ".prepare-staging-"
+_RECORD_NAME = re.compile(r"(?P<slide>.+)-[0-9]+" + re.escape(records.RECORD_SUFFIX))
 PADDING = "zeros, split evenly before and after"
 
 
 @dataclass(frozen=True)
 class TilingConfig:
-    tile_size: int = 2048
+    tile_size: int = RECIPE_TILE_SIZE
     reduction: int = 4
     overlap: int = 0
     saturation_threshold: int = 40
@@ -203,12 +208,12 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
     """
     out_dir = paths.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_no_other_slides(out_dir, jobs)
     workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
     total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
                 * len(grid_starts(job.width, config.tile_size, config.overlap))
                 for job in jobs)
-    staging = tempfile.mkdtemp(prefix=".prepare-staging-",
-                               dir=None if paths.is_remote(out_dir) else out_dir)
+    staging = _new_staging_dir(out_dir)
     try:
         with tqdm(total=total, desc="tiles", unit="tile") as bar:
             if workers <= 1:
@@ -224,10 +229,6 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
         for job in skipped:
             print(f"warning: {job.image_path}: no tile passes the background filter; slide "
                   f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
-        for job in jobs:
-            _replace_records(out_dir, job.slide_id, os.path.join(
-                staging, records.record_name(job.slide_id, counts[job.slide_id]))
-                if counts[job.slide_id] else None)
         summary = {"tile_size": config.tile_size, "reduction": config.reduction,
                    "overlap": config.overlap,
                    "thresholds": {"saturation": config.saturation_threshold,
@@ -236,7 +237,13 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
                    "slides": {job.slide_id: counts[job.slide_id] for job in jobs
                               if counts[job.slide_id]},
                    "skipped_slides": [job.slide_id for job in skipped]}
+        # prepare.json goes first: a run killed while moving records in leaves files that
+        # disagree with it, which training refuses, rather than a folder that looks whole.
         paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
+        for job in jobs:
+            _replace_records(out_dir, job.slide_id, os.path.join(
+                staging, records.record_name(job.slide_id, counts[job.slide_id]))
+                if counts[job.slide_id] else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
@@ -285,13 +292,55 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
     return counts
 
 
+def _new_staging_dir(out_dir: paths.Path) -> str:
+    """A staging folder named by host and process, so that a later run can tell one a
+    killed run left (kill -9 and SIGTERM skip the cleanup) from one a live run uses,
+    and removes the former."""
+    parent = tempfile.gettempdir() if paths.is_remote(out_dir) else os.fspath(out_dir)
+    ours = re.compile(re.escape(f"{_STAGING_PREFIX}{socket.gethostname()}-") + r"([0-9]+)-")
+    for name in os.listdir(parent):
+        match = ours.match(name)
+        if match and not _process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                            dir=parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
+    """Training reads every record file of a folder: records of slides this run does not
+    prepare would be mixed with its tiling under a prepare.json that does not list them."""
+    slide_ids = {job.slide_id for job in jobs}
+    others = sorted(path.name for path in out_dir.iterdir()
+                    if path.name.endswith(records.RECORD_SUFFIX)
+                    and _slide_of_record(path.name) not in slide_ids)
+    if others:
+        raise ValueError(f"{out_dir}: holds records of slides this run does not prepare "
+                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                         "training would mix them with this tiling: give an empty "
+                         "--out_dir, or prepare those slides too")
+
+
+def _slide_of_record(name: str) -> str | None:
+    match = _RECORD_NAME.fullmatch(name)
+    return match["slide"] if match else None
+
+
 def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> None:
     """Moves a slide's records in (None: the slide has none now), removing older
     `<id>-<count>.tfrec` of that slide."""
-    stale = re.compile(re.escape(slide_id) + r"-[0-9]+" + re.escape(records.RECORD_SUFFIX))
     name = None if staged is None else os.path.basename(staged)
     for old in out_dir.iterdir():
-        if stale.fullmatch(old.name) and old.name != name:
+        if _slide_of_record(old.name) == slide_id and old.name != name:
             old.unlink()
     if staged is not None:
         paths.publish(staged, out_dir / name)
@@ -349,7 +398,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("images", None, "Directory of images (instead of --data_dir).")
     flags.DEFINE_string("masks", None, "Directory of binary masks named like --images.")
     flags.DEFINE_string("out_dir", None, "Directory for <id>-<count>.tfrec and prepare.json.")
-    flags.DEFINE_integer("tile_size", 2048, "Tile size in full-resolution pixels.")
+    flags.DEFINE_integer("tile_size", RECIPE_TILE_SIZE, "Tile size in full-resolution "
+                         "pixels.")
     flags.DEFINE_integer("reduction", 4, "Downscale factor: tiles are tile_size/reduction.")
     flags.DEFINE_float("overlap", 0, "Overlap of neighbouring tiles: full-resolution "
                        "pixels, or a fraction of tile_size when below 1.")

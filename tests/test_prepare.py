@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import tifffile
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image
 
-from jaxseg import prepare, rle
+from jaxseg import data, prepare, rle
 
 HEIGHT, WIDTH = 300, 420
 TILE, REDUCTION = 128, 2
@@ -221,10 +222,67 @@ def test_rerun_replaces_the_slides_records(tmp_path):
     write_competition(tmp_path / "data", {"slide0": (image, mask)})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "slide0-999.tfrec").write_bytes(b"stale")
-    (tmp_path / "out" / "slide01-3.tfrec").write_bytes(b"another slide")
     count = run_competition(tmp_path / "data", tmp_path / "out")["slides"]["slide0"]
-    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{count}.tfrec",
-                                              "slide01-3.tfrec"]
+    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{count}.tfrec"]
+
+
+def test_an_output_holding_other_slides_records_is_refused(tmp_path):
+    """Training reads every record file in the folder: another slide's old records would
+    be mixed with this tiling under a prepare.json that does not list them."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "slide01-3.tfrec").write_bytes(b"another slide, another tiling")
+    with pytest.raises(ValueError, match=(
+            f"^{tmp_path / 'out'}: holds records of slides this run does not prepare "
+            r"\(slide01-3.tfrec\); training would mix them with this tiling")):
+        run_competition(tmp_path / "data", tmp_path / "out")
+    assert record_files(tmp_path / "out") == ["slide01-3.tfrec"]
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path):
+    """kill -9 and SIGTERM skip prepare's cleanup; the next run removes what a dead
+    process on this host left, and leaves a running process's folder alone."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    out = tmp_path / "out"
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as finished:
+        pass
+    dead = out / f".prepare-staging-{host}-{finished.pid}-abc123"
+    live = out / f".prepare-staging-{host}-{os.getppid()}-def456"
+    for staging in (dead, live):
+        (staging / "slide0.tfrec.partial").parent.mkdir(parents=True)
+        (staging / "slide0.tfrec.partial").write_bytes(b"half")
+    count = run_competition(tmp_path / "data", out)["slides"]["slide0"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        live.name, "prepare.json", f"slide0-{count}.tfrec"]
+
+
+def test_a_run_stopped_while_moving_records_in_is_refused_by_training_and_rerun_whole(
+        tmp_path, monkeypatch):
+    """prepare.json is written before the records move in, so an output cut short there
+    disagrees with it (training names the missing file) instead of looking whole."""
+    write_competition(tmp_path / "data", {"s0": make_slide(0), "s1": make_slide(1)})
+    out = tmp_path / "out"
+    publish, moved = prepare.paths.publish, []
+
+    def killed_at_the_second_record(staged, destination):
+        if str(destination).endswith(".tfrec"):
+            moved.append(destination)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        publish(staged, destination)
+
+    monkeypatch.setattr(prepare.paths, "publish", killed_at_the_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        run_competition(tmp_path / "data", out)
+    monkeypatch.undo()
+    summary = json.loads((out / "prepare.json").read_text())
+    with pytest.raises(ValueError, match=f"lists s1-{summary['slides']['s1']}.tfrec, which "
+                                         f"{out} lacks"):
+        data.checked_counts(data.list_record_files(out), out)
+    assert run_competition(tmp_path / "data", out) == summary
+    assert len(data.checked_counts(data.list_record_files(out), out)) == 2
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]
 
 
 def assert_one_line(error, *fragments):
