@@ -4,8 +4,8 @@
 
 Each slide is seen at the training scale (full resolution reduced by the factor the
 tiles were made with), cut into overlapping windows of the training tile size and
-predicted in batches over all devices: every finished fold's best model and, with flip TTA,
-the four flips of each window, averaged as probabilities. The windows are blended by
+predicted in batches over all devices: every finished fold's best model and, with flip
+TTA, the four flips of each window, averaged as probabilities. The windows are blended by
 `jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
 bool mask at model scale; the full-resolution RLE is computed from it directly.
 Everything runs on one host.
