@@ -5,8 +5,14 @@ with save_best_only, and what EarlyStopping's restore_best_weights restores); `l
 holds the whole train state plus the host-side loop state, so a killed run resumes at
 the next epoch; `preempted/` holds the same at the step where a preemption notice
 stopped the run, so a preempted run resumes at the next step. Orbax writes each step
-into a temporary directory and renames it when complete, so a kill during a save leaves the previous checkpoint usable; the
-temporary directories such a kill leaves are removed when the fold resumes.
+into a temporary directory and renames it when complete, so a kill during a save leaves
+the previous checkpoint usable; the temporary directories such a kill leaves are
+removed when the fold resumes.
+
+A best checkpoint is deleted only once a newer one is covered by a committed latest
+checkpoint. A run killed between a new best and its epoch's latest resumes from the
+previous latest, whose loop state names the previous best: that one must still be on
+disk, since the repeated epoch may not improve again.
 
 Checkpoints hold host (numpy) copies of the replicated state: orbax would otherwise
 slice every replicated array across the devices to write the replicas in parallel,
@@ -25,15 +31,19 @@ from orbax.checkpoint import checkpoint_manager
 from jaxseg import paths
 
 BEST_METRIC = "val_dice_coe"
+# Written by jaxseg.train as a fold's last file, once its training has ended.
+FOLD_RESULT = "result.json"
 
 
 class FoldCheckpoints:
     def __init__(self, fold_dir: str | os.PathLike):
         fold_dir = paths.absolute(fold_dir)
+        # No max_to_keep: orbax would delete the previous best as soon as the new one is
+        # written (see _drop_superseded_best). best_fn makes it store the metrics.
         self._best = ocp.CheckpointManager(
             fold_dir / "best",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
+                best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="max",
                 cleanup_tmp_directories=True))
         self._latest, self._preempted = (
             ocp.CheckpointManager(fold_dir / name, options=ocp.CheckpointManagerOptions(
@@ -41,6 +51,7 @@ class FoldCheckpoints:
             for name in ("latest", "preempted"))
 
     def save_best(self, epoch: int, variables: dict, metrics: dict[str, float]) -> None:
+        self._drop_superseded_best()
         self._best.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(variables)),
                         metrics={k: float(v) for k, v in metrics.items()})
 
@@ -86,6 +97,7 @@ class FoldCheckpoints:
         them)."""
         for step in point.stale_best_steps:
             self._best.delete(step)
+        self._drop_superseded_best()
         if point.kind is None:
             return None
         manager = self._preempted if point.kind == "preempted" else self._latest
@@ -93,7 +105,19 @@ class FoldCheckpoints:
             state=ocp.args.StandardRestore(host_template), host=ocp.args.JsonRestore()))
         return restored.state, restored.host
 
+    def _drop_superseded_best(self) -> None:
+        """Deletes the best checkpoints older than the newest one at or before the
+        committed latest epoch; newer ones are kept until a latest checkpoint covers
+        them (or a resume finds them stale)."""
+        self._latest.wait_until_finished()
+        epochs_done = self._latest.latest_step() or 0
+        covered = sorted(step for step in self._best.all_steps() if step <= epochs_done)
+        for step in covered[:-1]:
+            self._best.delete(step)
+
     def close(self) -> None:
+        self._best.wait_until_finished()
+        self._drop_superseded_best()
         for manager in (self._best, self._latest, self._preempted):
             manager.wait_until_finished()
             manager.close()
@@ -120,12 +144,18 @@ def has_latest(fold_dir: str | os.PathLike) -> bool:
                for name in ("latest", "preempted"))
 
 
+def fold_finished(fold_dir: str | os.PathLike) -> bool:
+    """Whether the fold's training ended; until then its best checkpoint is a model
+    still being trained (or left by a run that stopped)."""
+    return (paths.path(fold_dir) / FOLD_RESULT).exists()
+
+
 def load_best_variables(fold_dir: str | os.PathLike) -> dict:
     """The best model variables of a finished fold, as host arrays (for prediction).
 
     The newest step is the best: one is only saved when the validation Dice improves
-    (an older one may linger if a kill cut its deletion short). Read without a
-    CheckpointManager, whose read-only mode logs three warnings per fold.
+    (an older one lingers where a kill cut the fold's last clean-up short). Read without
+    a CheckpointManager, whose read-only mode logs three warnings per fold.
     """
     best_dir = paths.absolute(fold_dir) / "best"
     if not best_dir.is_dir():

@@ -7,16 +7,19 @@ that name the file.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import struct
 from typing import Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
+from jaxseg import paths
 from jaxseg.augment import augment_fn
-from jaxseg.records import RECORD_SUFFIX, count_from_name
+from jaxseg.records import RECORD_SUFFIX, count_from_name, record_name
 from jaxseg.tensorflow_quiet import tf
 
 
@@ -43,6 +46,9 @@ _BAD_RECORD_MESSAGE = re.compile(
 _TF_MESSAGE_NOISE = re.compile(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\].*")
 # TensorFlow may quote a whole record (megabytes) in its message.
 _MAX_DETAIL = 200
+# A TFRecord frames each record with its length (8 bytes) and two 4-byte checksums.
+_RECORD_LENGTH = struct.Struct("<Q")
+_RECORD_FRAMING_BYTES = _RECORD_LENGTH.size + 8
 # The recipe has one file per slide and 16 slides: reading them all at once puts tiles
 # of many slides in every shuffle buffer.
 _MAX_FILES_READ_AT_ONCE = 16
@@ -63,6 +69,62 @@ def count_examples(path: str | os.PathLike) -> int:
     """The count in a `<id>-<count>.tfrec` name, else the number of records in the file."""
     count = count_from_name(path)
     return count if count is not None else _count_records(os.fspath(path))
+
+
+def checked_counts(files: Sequence[str], data_dir: str | os.PathLike) -> dict[str, int]:
+    """Examples per record file, each checked against the count its name promises and
+    the slides `prepare.json` lists, when the directory has one.
+
+    A copy cut exactly at a record boundary reads cleanly, only shorter, and the
+    repeated training dataset would hide the shortfall. Tiles of one size make records
+    of one size, so a file's size gives its count without reading it; a file whose
+    size disagrees (records of several sizes, or a cut) is counted record by record.
+    """
+    for path in files:
+        promised = count_from_name(path)
+        if promised is not None and not _size_fits(path, promised):
+            counted = _count_records(path)
+            if counted != promised:
+                raise ValueError(f"{path}: holds {counted} records, its name promises "
+                                 f"{promised}; a partial copy?")
+    _check_against_prepare_record(files, data_dir)
+    return {path: count_examples(path) for path in files}
+
+
+def _size_fits(path: str, count: int) -> bool:
+    """Whether the file is exactly `count` records of its first record's size."""
+    with paths.path(path).open("rb") as file:
+        header = file.read(_RECORD_LENGTH.size)
+    if len(header) < _RECORD_LENGTH.size:
+        return count == 0 and not header
+    record_bytes = _RECORD_LENGTH.unpack(header)[0] + _RECORD_FRAMING_BYTES
+    return paths.path(path).stat().length == count * record_bytes
+
+
+def _check_against_prepare_record(files: Sequence[str], data_dir: str | os.PathLike) -> None:
+    """The files must be the slides jaxseg.prepare wrote: a file it does not list is
+    another tiling's, and one it lists that is missing was lost in a copy."""
+    record = paths.path(data_dir) / "prepare.json"
+    if not record.exists():
+        return
+    try:
+        slides = json.loads(record.read_text()).get("slides")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{record}: not valid JSON ({error})") from None
+    if slides is None:
+        return
+    listed = {record_name(slide_id, count) for slide_id, count in slides.items()}
+    present = {os.path.basename(path): path for path in files}
+    unlisted = sorted(set(present) - listed)
+    if unlisted:
+        raise ValueError(f"{present[unlisted[0]]}: not among the slides {record} lists "
+                         f"({len(unlisted)} such file(s)); records of another preparation? "
+                         "Prepare the data again into an empty folder")
+    missing = sorted(listed - set(present))
+    if missing:
+        raise ValueError(f"{record}: lists {missing[0]}, which {data_dir} lacks "
+                         f"({len(missing)} such file(s)); an incomplete copy, or a "
+                         "jaxseg.prepare stopped while moving records in?")
 
 
 def kfold_splits(files: Sequence[str], num_folds: int,

@@ -65,9 +65,8 @@ def read_rle_csv(path: str | os.PathLike) -> dict[str, str]:
     return encodings
 
 
-def _counts_of_rles(pred_rle: str, true_rle: str, shape: Shape) -> tuple[int, int, int]:
-    pred, true = rle.RleMask(pred_rle, shape), rle.RleMask(true_rle, shape)
-    height, width = shape
+def _counts_of_rles(pred: rle.RleMask, true: rle.RleMask) -> tuple[int, int, int]:
+    height, width = true.shape
     intersection = pred_pixels = true_pixels = 0
     cols_per_block = max(1, _BLOCK_PIXELS // height)
     for x0 in range(0, width, cols_per_block):
@@ -79,8 +78,8 @@ def _counts_of_rles(pred_rle: str, true_rle: str, shape: Shape) -> tuple[int, in
     return intersection, pred_pixels, true_pixels
 
 
-def _counts_of_masks(pred_rle: str, true_mask: np.ndarray) -> tuple[int, int, int]:
-    pred, true = rle.decode(pred_rle, true_mask.shape), true_mask != 0
+def _counts_of_masks(pred: rle.RleMask, true_mask: np.ndarray) -> tuple[int, int, int]:
+    pred, true = pred.read(0, pred.height, 0, pred.width), true_mask != 0
     return (int(np.count_nonzero(pred & true)), int(np.count_nonzero(pred)),
             int(np.count_nonzero(true)))
 
@@ -88,7 +87,7 @@ def _counts_of_masks(pred_rle: str, true_mask: np.ndarray) -> tuple[int, int, in
 def find_masks(directory: str | os.PathLike) -> dict[str, paths.Path]:
     """{id: mask file} of a folder of `<id>.png` (or TIFF/JPEG) masks."""
     directory = paths.path(directory)
-    masks = {path.stem: path for path in sorted(directory.iterdir())
+    masks = {slides.image_id(path): path for path in sorted(directory.iterdir())
              if path.suffix.lower() in slides.IMAGE_SUFFIXES}
     if not masks:
         raise FileNotFoundError(f"{directory}: no mask images "
@@ -103,55 +102,67 @@ def read_mask(path: paths.Path) -> np.ndarray:
 
 
 def image_shapes(pattern: str) -> dict[str, Shape]:
-    """{file stem: (height, width)} from the headers of the images matching a glob."""
+    """{image id: (height, width)} from the headers of the images matching a glob."""
     found = paths.glob(pattern)
     if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
     shapes = {}
     for path in found:
         with slides.open_slide(path) as slide:
-            shapes[path.stem] = (slide.height, slide.width)
+            shapes[slides.image_id(path)] = (slide.height, slide.width)
     return shapes
 
 
 def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
              shapes: Mapping[str, Shape] | None = None) -> dict:
-    """Per-image Dice of every id in `pred_csv` and their mean (the competition score).
+    """Per-image Dice of every truth image and their mean (the competition score).
 
     `truth` is a CSV of RLEs (then `shapes` must give each image's (height, width)) or a
     folder of masks named by id (their own shape; a shape in `shapes` must agree).
-    Returns {'images': [{'id', 'dice', 'pred_pixels', 'true_pixels'}, ...],
-    'mean_dice': float, 'unscored_truth_ids': [...]}.
+    `shapes`, the images the user named, also says which truth images are evaluated, so
+    that a held-out part of train.csv can be scored; without it every truth image is.
+    A truth image the prediction lacks scores 0, as Kaggle scores a missing id: leaving
+    it out of the mean would reward an incomplete submission.
+    Returns {'images': [{'id', 'dice', 'pred_pixels', 'true_pixels'}, ...] (pixel
+    counts None for a missing prediction), 'mean_dice': float, 'missing_ids': [...]}.
     """
     predictions = read_rle_csv(pred_csv)
     if not predictions:
         raise ValueError(f"{pred_csv}: holds no predictions")
     truth = paths.path(truth)
-    shapes = dict(shapes or {})
     masks = find_masks(truth) if truth.is_dir() else None
     true_rles = None if masks is not None else read_rle_csv(truth)
-    truth_ids = set(masks if masks is not None else true_rles)
-    missing = sorted(set(predictions) - truth_ids)
-    if missing:
-        raise ValueError(f"{truth}: no truth for predicted ids {', '.join(missing[:5])}")
+    truth_ids = list(masks if masks is not None else true_rles)
+    strangers = sorted(set(predictions) - set(truth_ids))
+    if strangers:
+        raise ValueError(f"{truth}: no truth for predicted ids {', '.join(strangers[:5])}")
+    evaluated = [image_id for image_id in truth_ids
+                 if image_id in predictions or shapes is None or image_id in shapes]
+    shapes = dict(shapes or {})
     images = []
-    for image_id, pred_rle in predictions.items():
-        try:
-            if masks is not None:
-                true_mask = read_mask(masks[image_id])
-                if image_id in shapes and tuple(shapes[image_id]) != true_mask.shape:
-                    raise ValueError(f"mask is {true_mask.shape}, image is {shapes[image_id]}")
-                counts = _counts_of_masks(pred_rle, true_mask)
-            else:
-                if image_id not in shapes:
-                    raise ValueError("unknown image shape: give the images with --images")
-                counts = _counts_of_rles(pred_rle, true_rles[image_id], shapes[image_id])
-        except ValueError as error:
-            raise ValueError(f"image {image_id}: {error}") from None
+    for image_id in evaluated:
+        if image_id not in predictions:
+            images.append({"id": image_id, "dice": 0.0, "pred_pixels": None,
+                           "true_pixels": None})
+            continue
+        if masks is not None:
+            true_mask = read_mask(masks[image_id])
+            if image_id in shapes and tuple(shapes[image_id]) != true_mask.shape:
+                raise ValueError(f"{masks[image_id]}: mask is {true_mask.shape}, image "
+                                 f"{image_id} is {shapes[image_id]}")
+            counts = _counts_of_masks(rle.parse_named(predictions[image_id], true_mask.shape,
+                                                      pred_csv, image_id), true_mask)
+        else:
+            if image_id not in shapes:
+                raise ValueError(f"image {image_id}: unknown image shape: give the images "
+                                 "with --images")
+            counts = _counts_of_rles(
+                rle.parse_named(predictions[image_id], shapes[image_id], pred_csv, image_id),
+                rle.parse_named(true_rles[image_id], shapes[image_id], truth, image_id))
         images.append({"id": image_id, "dice": _dice_from_counts(*counts),
                        "pred_pixels": counts[1], "true_pixels": counts[2]})
     return {"images": images, "mean_dice": float(np.mean([row["dice"] for row in images])),
-            "unscored_truth_ids": sorted(truth_ids - set(predictions))}
+            "missing_ids": [row["id"] for row in images if row["pred_pixels"] is None]}
 
 
 def default_out_path(pred_csv: str | os.PathLike) -> paths.Path:
@@ -162,14 +173,17 @@ def default_out_path(pred_csv: str | os.PathLike) -> paths.Path:
 def format_table(result: dict) -> str:
     width = max(len("mean"), *(len(row["id"]) for row in result["images"]))
     lines = [f"{'id':<{width}}  {'dice':>7}  {'pred_pixels':>12}  {'true_pixels':>12}"]
-    lines += [f"{row['id']:<{width}}  {row['dice']:7.4f}  {row['pred_pixels']:12d}  "
-              f"{row['true_pixels']:12d}" for row in result["images"]]
+    lines += [f"{row['id']:<{width}}  {row['dice']:7.4f}  " + (
+              f"{row['pred_pixels']:12d}  {row['true_pixels']:12d}"
+              if row["pred_pixels"] is not None else "no prediction")
+              for row in result["images"]]
     lines.append(f"{'mean':<{width}}  {result['mean_dice']:7.4f}")
     return "\n".join(lines)
 
 
 def write_table(result: dict, out: str | os.PathLike) -> None:
-    """CSV of the per-image rows and a last `mean` row, written whole or not at all."""
+    """CSV of the per-image rows and a last `mean` row, written whole or not at all; a
+    missing prediction's pixel counts are empty."""
     with paths.atomic_open(out) as file:
         writer = csv.writer(file)
         writer.writerow(["id", "dice", "pred_pixels", "true_pixels"])
@@ -200,9 +214,9 @@ def main(argv: list[str]) -> None:
     shapes = image_shapes(config.images) if config.images else None
     result = evaluate(config.pred, config.truth, shapes)
     print(format_table(result))
-    if result["unscored_truth_ids"]:
-        print(f"({len(result['unscored_truth_ids'])} truth ids have no prediction and are "
-              "not scored)", file=sys.stderr)
+    if result["missing_ids"]:
+        print(f"{len(result['missing_ids'])} truth image(s) have no prediction and score 0 "
+              f"(Kaggle's rule): {', '.join(result['missing_ids'])}", file=sys.stderr)
     out = config.out or default_out_path(config.pred)
     write_table(result, out)
     print(f"wrote {out}")

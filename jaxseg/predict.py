@@ -4,8 +4,8 @@
 
 Each slide is seen at the training scale (full resolution reduced by the factor the
 tiles were made with), cut into overlapping windows of the training tile size and
-predicted in batches over all devices: every fold's best model and, with flip TTA,
-the four flips of each window, averaged as probabilities. The windows are blended by
+predicted in batches over all devices: every finished fold's best model and, with flip
+TTA, the four flips of each window, averaged as probabilities. The windows are blended by
 `jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
 bool mask at model scale; the full-resolution RLE is computed from it directly.
 Several processes (the hosts of a pod slice) each predict their share of the slides
@@ -96,13 +96,36 @@ def run_reduction(run_dir: paths.Path | None) -> int | None:
     return int(record["reduction"])
 
 
-def find_fold_dirs(run_dir: paths.Path) -> list[paths.Path]:
-    """Folds with a best checkpoint, in fold order; a run may hold only some folds."""
+def find_fold_dirs(run_dir: paths.Path, allow_unfinished: bool = False) -> list[paths.Path]:
+    """Folds with a best checkpoint, in fold order; a run may hold only some folds.
+
+    A fold whose training has not ended (a run in progress, or one that crashed) holds
+    a half-trained best model: mixed in, it would change the ensemble without a word.
+    It is left out, and named, unless `allow_unfinished`.
+    """
     folds = {int(path.name.removeprefix("fold_")): path for path in run_dir.glob("fold_*")
              if path.name.removeprefix("fold_").isdigit() and (path / "best").is_dir()}
     if not folds:
         raise FileNotFoundError(f"{run_dir}: no fold_K/best checkpoints")
-    return [folds[fold] for fold in sorted(folds)]
+    fold_dirs = [folds[fold] for fold in sorted(folds)]
+    unfinished = [path for path in fold_dirs if not checkpoints.fold_finished(path)]
+    if not unfinished or allow_unfinished:
+        return fold_dirs
+    names = ", ".join(path.name for path in unfinished)
+    if len(unfinished) == len(fold_dirs):
+        raise ValueError(f"{run_dir}: no fold has finished training ({names} have no "
+                         f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds predicts "
+                         "from their best checkpoints so far")
+    print(f"warning: leaving out {names} of {run_dir}: training unfinished (no "
+          f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds includes them",
+          file=sys.stderr, flush=True)
+    return [path for path in fold_dirs if path not in unfinished]
+
+
+def describe_folds(fold_dirs: list[paths.Path]) -> str:
+    """The folds an ensemble averages, an unfinished one marked as such."""
+    return ", ".join(str(path) if checkpoints.fold_finished(path) else
+                     f"{path} (unfinished)" for path in fold_dirs)
 
 
 def build_model(backbone: str, half_precision: bool, normalize_input: bool,
@@ -128,11 +151,13 @@ def _leaf_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
 
 def load_ensemble(workdir: str | None, checkpoint: str | None = None,
                   keras_weights: str | None = None, tile_size: int | None = None,
-                  reduction: int | None = None) -> Ensemble:
+                  reduction: int | None = None,
+                  allow_unfinished_folds: bool = False) -> Ensemble:
     """The models named by the flags; tile size and reduction from the run unless given.
 
-    `workdir` alone: every fold's best checkpoint. `checkpoint`: one fold directory
-    (its run directory is its parent unless `workdir` says otherwise).
+    `workdir` alone: every finished fold's best checkpoint. `checkpoint`: one fold
+    directory (its run directory is its parent unless `workdir` says otherwise).
+    `allow_unfinished_folds` takes folds whose training has not ended too.
     `keras_weights`: weights converted by jaxseg.convert; without a run directory the
     seed's 512 px tiles at 4x reduction are assumed.
     """
@@ -153,9 +178,16 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         normalize_input = meta.get("normalize_input", False)
         half_precision = False
     else:
-        fold_dirs = [paths.path(checkpoint)] if checkpoint else find_fold_dirs(run_dir)
+        if checkpoint:
+            fold_dirs = [paths.path(checkpoint)]
+            if not (allow_unfinished_folds or checkpoints.fold_finished(checkpoint)):
+                raise ValueError(f"--checkpoint {checkpoint}: training of this fold has not "
+                                 f"finished (no {checkpoints.FOLD_RESULT}); "
+                                 "--allow_unfinished_folds predicts from its best so far")
+        else:
+            fold_dirs = find_fold_dirs(run_dir, allow_unfinished_folds)
         variables_list = [checkpoints.load_best_variables(path) for path in fold_dirs]
-        source = ", ".join(str(path) for path in fold_dirs)
+        source = describe_folds(fold_dirs)
         if "backbone" not in config:
             raise ValueError(f"{run_dir / 'config.json'}: has no 'backbone' field")
         backbone = config["backbone"]
@@ -274,9 +306,13 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
               disable=not processes.is_main()) as bar:
-        return stitch.predict_mask(grid, scaled_reader(slide, options.reduction), predict_fn,
-                                   options.threshold, blend=options.blend,
-                                   batch_size=options.batch_size, progress=bar.update)
+        try:
+            return stitch.predict_mask(grid, scaled_reader(slide, options.reduction),
+                                       predict_fn, options.threshold, blend=options.blend,
+                                       batch_size=options.batch_size, progress=bar.update)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
+                                     "scale); stopped") from None
 
 
 def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -> str:
@@ -340,8 +376,8 @@ def find_images(pattern: str) -> list[paths.Path]:
     found = paths.glob(pattern)
     if not found:
         raise FileNotFoundError(f"--images {pattern!r}: no files match")
-    stems = [path.stem for path in found]
-    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    ids = [slides.image_id(path) for path in found]
+    duplicates = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
     if duplicates:
         raise ValueError(f"--images {pattern!r}: several files share the id "
                          f"{duplicates[0]!r} (ids are file names without extension)")
@@ -367,14 +403,15 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
     rows = {}
     for number, path in enumerate(tqdm(share, desc="slides", unit="slide",
                                        disable=not processes.is_main())):
+        image_id = slides.image_id(path)
         with slides.open_slide(path) as slide:
             mask = predict_slide(slide, predict_fn, options,
-                                 f"{path.stem} ({number + 1}/{len(share)})")
-            rows[path.stem] = encode_upsampled(mask, options.reduction,
-                                               (slide.height, slide.width))
+                                 f"{image_id} ({number + 1}/{len(share)})")
+            rows[image_id] = encode_upsampled(mask, options.reduction,
+                                              (slide.height, slide.width))
             if overlays:
                 write_overlay(slide, mask, options.reduction,
-                              paths.path(overlays) / f"{path.stem}.png")
+                              paths.path(overlays) / f"{image_id}.png")
         del mask
         host_memory.guard_if_crowded()
         host_memory.release_freed_memory()
@@ -385,7 +422,8 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
         with paths.atomic_open(out) as file:
             writer = csv.writer(file)
             writer.writerow(["id", "predicted"])
-            writer.writerows([path.stem, rows[path.stem]] for path in images)
+            writer.writerows([slides.image_id(path), rows[slides.image_id(path)]]
+                             for path in images)
 
 
 def define_flags() -> None:
@@ -394,6 +432,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Training run directory (config.json, fold_K/best).")
     flags.DEFINE_string("checkpoint", None, "One fold directory (RUN/fold_K) instead of all "
                         "folds of --workdir.")
+    flags.DEFINE_bool("allow_unfinished_folds", False, "Also predict with folds whose "
+                      "training has not ended (no result.json): their best model so far.")
     flags.DEFINE_string("keras_weights", None, "Directory written by jaxseg.convert "
                         "(converted Keras weights) instead of checkpoints.")
     flags.DEFINE_string("images", None, "Glob of slides or tiles (TIFF, PNG, JPEG).",
@@ -430,7 +470,7 @@ def main(argv: list[str]) -> None:
     images = find_images(config.images)
     check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
-                             config.tile_size, config.reduction)
+                             config.tile_size, config.reduction, config.allow_unfinished_folds)
     predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
     if host_memory.keeps_freed_memory():
         # One batch first (it compiles the program): with its buffers allocated once, the

@@ -5,10 +5,12 @@
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
 `train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images with binary masks of
-the same stem (nonzero = glomerulus), any size. Each slide or image becomes
-`<id>-<count>.tfrec` (jaxseg.records) and `OUT_DIR/prepare.json` records
-{tile_size, reduction, overlap, thresholds, padding, slides: {id: count}}: training
-and prediction read the reduction from it.
+the same id (the file name without its image extension; nonzero = glomerulus), any
+size. Each slide or image becomes `<id>-<count>.tfrec` (jaxseg.records) and
+`OUT_DIR/prepare.json` records {tile_size, reduction, overlap, thresholds, padding,
+slides: {id: count}, skipped_slides: [id]}: training checks its files against it, and
+prediction reads the reduction from it. A slide none of whose tiles passes the
+background filter is skipped with a warning: it has no record file.
 
 Tiling: a grid of --tile_size full-resolution windows, --overlap apart (pixels, or a
 fraction of the tile when below 1), covers every pixel; the slide is padded with zeros
@@ -31,7 +33,9 @@ a worker holds about one full-resolution window. Slides run in parallel across
 --workers processes. All inputs are checked before anything is written, tiles are
 written to a hidden staging directory and moved into OUT_DIR only when every slide
 has succeeded, so a failed run leaves no .tfrec or prepare.json behind; a rerun
-replaces the records of the slides it writes.
+replaces the records of the slides it writes, and removes the staging directories
+of killed runs. An OUT_DIR holding records of other slides is refused: training
+would mix the two tilings.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ import os
 import queue
 import re
 import shutil
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -51,18 +57,20 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from jaxseg import cli, paths, records
+from jaxseg import cli, paths, records, rle
 from jaxseg.rle import RleMask
-from jaxseg.slides import IMAGE_SUFFIXES, TIFF_SUFFIXES, MaskImage, Slide, downscale_area, \
-    open_mask, open_slide
+from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_TILE_SIZE, TIFF_SUFFIXES, MaskImage, Slide, \
+    downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
+_STAGING_PREFIX = ".prepare-staging-"
+_RECORD_NAME = re.compile(r"(?P<slide>.+)-[0-9]+" + re.escape(records.RECORD_SUFFIX))
 PADDING = "zeros, split evenly before and after"
 
 
 @dataclass(frozen=True)
 class TilingConfig:
-    tile_size: int = 2048
+    tile_size: int = RECIPE_TILE_SIZE
     reduction: int = 4
     overlap: int = 0
     saturation_threshold: int = 40
@@ -159,7 +167,7 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
     """Checked jobs for `train/<id>.tiff` + `train.csv`; CSV rows without a slide are
     skipped so that a subset of the slides can be prepared."""
     data_dir = paths.path(data_dir)
-    slide_paths = _images_by_stem(data_dir / "train", TIFF_SUFFIXES)
+    slide_paths = _images_by_id(data_dir / "train", TIFF_SUFFIXES)
     if not slide_paths:
         raise FileNotFoundError(f"{data_dir / 'train'}: no .tiff slides found")
     encodings = _read_encodings(data_dir / "train.csv")
@@ -168,27 +176,25 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
         if slide_id not in encodings:
             raise ValueError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} ({path})")
         height, width = _slide_size(path)
-        try:
-            mask = RleMask(encodings[slide_id], (height, width))
-        except ValueError as error:
-            raise ValueError(f"{data_dir / 'train.csv'}, id {slide_id}: {error}") from None
+        mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
+                               slide_id)
         jobs.append(SlideJob(slide_id, path, mask, height, width))
     return jobs
 
 
 def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[SlideJob]:
-    """Checked jobs pairing images with the masks of the same stem."""
-    images = _images_by_stem(paths.path(images_dir), IMAGE_SUFFIXES)
-    masks = _images_by_stem(paths.path(masks_dir), IMAGE_SUFFIXES)
+    """Checked jobs pairing images with the masks of the same id."""
+    images = _images_by_id(paths.path(images_dir), IMAGE_SUFFIXES)
+    masks = _images_by_id(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     jobs = []
-    for stem, path in images.items():
-        if stem not in masks:
+    for slide_id, path in images.items():
+        if slide_id not in masks:
             raise FileNotFoundError(f"{masks_dir}: no mask for image {path.name}")
-        with open_slide(path) as slide, open_mask(masks[stem]) as mask:
-            _check_same_size(str(masks[stem]), mask, slide)
-        jobs.append(SlideJob(stem, path, masks[stem], slide.height, slide.width))
+        with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
+            _check_same_size(str(masks[slide_id]), mask, slide)
+        jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width))
     return jobs
 
 
@@ -202,28 +208,42 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
     """
     out_dir = paths.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_no_other_slides(out_dir, jobs)
     workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
     total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
                 * len(grid_starts(job.width, config.tile_size, config.overlap))
                 for job in jobs)
-    staging = tempfile.mkdtemp(prefix=".prepare-staging-",
-                               dir=None if paths.is_remote(out_dir) else out_dir)
+    staging = _new_staging_dir(out_dir)
     try:
         with tqdm(total=total, desc="tiles", unit="tile") as bar:
             if workers <= 1:
                 counts = dict(_tile_slide(job, config, staging, bar.update) for job in jobs)
             else:
                 counts = _tile_in_processes(jobs, config, staging, workers, bar)
-        for job in jobs:
-            _replace_records(out_dir, job.slide_id, os.path.join(
-                staging, records.record_name(job.slide_id, counts[job.slide_id])))
+        # A slide without tissue would make an empty record file, which training rejects.
+        skipped = [job for job in jobs if not counts[job.slide_id]]
+        if len(skipped) == len(jobs):
+            raise ValueError(f"no tile of any slide passes the background filter "
+                             f"(saturation > {config.saturation_threshold} on more than "
+                             f"{config.min_pixels} pixels): nothing to train on")
+        for job in skipped:
+            print(f"warning: {job.image_path}: no tile passes the background filter; slide "
+                  f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
         summary = {"tile_size": config.tile_size, "reduction": config.reduction,
                    "overlap": config.overlap,
                    "thresholds": {"saturation": config.saturation_threshold,
                                   "min_pixels": config.min_pixels},
                    "padding": PADDING,
-                   "slides": {job.slide_id: counts[job.slide_id] for job in jobs}}
+                   "slides": {job.slide_id: counts[job.slide_id] for job in jobs
+                              if counts[job.slide_id]},
+                   "skipped_slides": [job.slide_id for job in skipped]}
+        # prepare.json goes first: a run killed while moving records in leaves files that
+        # disagree with it, which training refuses, rather than a folder that looks whole.
         paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
+        for job in jobs:
+            _replace_records(out_dir, job.slide_id, os.path.join(
+                staging, records.record_name(job.slide_id, counts[job.slide_id]))
+                if counts[job.slide_id] else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return summary
@@ -236,7 +256,7 @@ def _tile_slide(job: SlideJob, config: TilingConfig, out_dir: str,
     with open_slide(job.image_path) as slide, mask_source as mask:
         path = records.write_records(out_dir, job.slide_id,
                                      cut_tiles(slide, mask, config, progress))
-    return job.slide_id, records.count_from_name(path)
+    return job.slide_id, 0 if path is None else records.count_from_name(path)
 
 
 _progress_queue = None
@@ -272,14 +292,58 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
     return counts
 
 
-def _replace_records(out_dir: paths.Path, slide_id: str, staged: str) -> None:
-    """Moves a slide's records in, removing older `<id>-<count>.tfrec` of that slide."""
-    stale = re.compile(re.escape(slide_id) + r"-[0-9]+" + re.escape(records.RECORD_SUFFIX))
-    name = os.path.basename(staged)
+def _new_staging_dir(out_dir: paths.Path) -> str:
+    """A staging folder named by host and process, so that a later run can tell one a
+    killed run left (kill -9 and SIGTERM skip the cleanup) from one a live run uses,
+    and removes the former."""
+    parent = tempfile.gettempdir() if paths.is_remote(out_dir) else os.fspath(out_dir)
+    ours = re.compile(re.escape(f"{_STAGING_PREFIX}{socket.gethostname()}-") + r"([0-9]+)-")
+    for name in os.listdir(parent):
+        match = ours.match(name)
+        if match and not _process_alive(int(match[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                            dir=parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
+    """Training reads every record file of a folder: records of slides this run does not
+    prepare would be mixed with its tiling under a prepare.json that does not list them."""
+    slide_ids = {job.slide_id for job in jobs}
+    others = sorted(path.name for path in out_dir.iterdir()
+                    if path.name.endswith(records.RECORD_SUFFIX)
+                    and _slide_of_record(path.name) not in slide_ids)
+    if others:
+        raise ValueError(f"{out_dir}: holds records of slides this run does not prepare "
+                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                         "training would mix them with this tiling: give an empty "
+                         "--out_dir, or prepare those slides too")
+
+
+def _slide_of_record(name: str) -> str | None:
+    match = _RECORD_NAME.fullmatch(name)
+    return match["slide"] if match else None
+
+
+def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> None:
+    """Moves a slide's records in (None: the slide has none now), removing older
+    `<id>-<count>.tfrec` of that slide."""
+    name = None if staged is None else os.path.basename(staged)
     for old in out_dir.iterdir():
-        if stale.fullmatch(old.name) and old.name != name:
+        if _slide_of_record(old.name) == slide_id and old.name != name:
             old.unlink()
-    paths.publish(staged, out_dir / name)
+    if staged is not None:
+        paths.publish(staged, out_dir / name)
 
 
 def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
@@ -299,19 +363,20 @@ def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
     return encodings
 
 
-def _images_by_stem(directory: paths.Path, suffixes: tuple[str, ...]
+def _images_by_id(directory: paths.Path, suffixes: tuple[str, ...]
                     ) -> dict[str, paths.Path]:
-    """{stem: path}, sorted; two files of one stem would write the same records."""
+    """{id: path}, sorted; two files of one id would write the same records."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory")
     found = {}
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue
-        if path.stem in found:
-            raise ValueError(f"{directory}: two files named {path.stem} "
-                             f"({found[path.stem].name}, {path.name})")
-        found[path.stem] = path
+        slide_id = image_id(path)
+        if slide_id in found:
+            raise ValueError(f"{directory}: two files named {slide_id} "
+                             f"({found[slide_id].name}, {path.name})")
+        found[slide_id] = path
     return found
 
 
@@ -333,7 +398,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("images", None, "Directory of images (instead of --data_dir).")
     flags.DEFINE_string("masks", None, "Directory of binary masks named like --images.")
     flags.DEFINE_string("out_dir", None, "Directory for <id>-<count>.tfrec and prepare.json.")
-    flags.DEFINE_integer("tile_size", 2048, "Tile size in full-resolution pixels.")
+    flags.DEFINE_integer("tile_size", RECIPE_TILE_SIZE, "Tile size in full-resolution "
+                         "pixels.")
     flags.DEFINE_integer("reduction", 4, "Downscale factor: tiles are tile_size/reduction.")
     flags.DEFINE_float("overlap", 0, "Overlap of neighbouring tiles: full-resolution "
                        "pixels, or a fraction of tile_size when below 1.")

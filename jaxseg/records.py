@@ -45,8 +45,9 @@ def count_from_name(path: str | os.PathLike) -> int | None:
 
 
 def write_records(out_dir: str | os.PathLike, slide_id: str,
-                  tiles: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path:
-    """Writes `<id>-<count>.tfrec` atomically.
+                  tiles: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path | None:
+    """Writes `<id>-<count>.tfrec` atomically; None, and no file, when there are no tiles
+    (training rejects an empty record file).
 
     The count is only known at the end, so tiles stream into a hidden temporary file
     that is renamed once complete: an interrupted run never leaves a partial record
@@ -61,6 +62,8 @@ def write_records(out_dir: str | os.PathLike, slide_id: str,
             for image, mask in tiles:
                 writer.write(serialize_example(image, mask))
                 count += 1
+        if not count:
+            return None
         final_path = out_dir / record_name(slide_id, count)
         os.replace(tmp_path, final_path)
     finally:

@@ -11,6 +11,8 @@ that any window of the mask can be decoded on its own.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # Pixels processed per block: bounds the temporaries of encode/decode to ~64 MB.
@@ -51,6 +53,16 @@ def encode(mask: np.ndarray) -> str:
     lengths = boundaries[1::2] - starts
     pairs = np.stack([starts + 1, lengths], axis=1).ravel()
     return " ".join(map(str, pairs.tolist()))
+
+
+def parse_named(rle: str, shape: tuple[int, int], source: str | os.PathLike,
+                image_id: str) -> RleMask:
+    """The runs of an RLE read from a file; a defect names the file and the id, since a
+    submission or train.csv holds many RLEs of several files' images."""
+    try:
+        return RleMask(rle, shape)
+    except ValueError as error:
+        raise ValueError(f"{source}, id {image_id}: {error}") from None
 
 
 def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:

@@ -18,6 +18,7 @@ by segment).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +30,13 @@ from jaxseg import paths
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES
+# Extensions of more than one part: the OME-TIFF of `x.ome.tiff` is image `x`.
+_COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff")
+# The recipe's tiles are 2048 px at full resolution. PNG/JPEG files are tiles decoded
+# whole, so the largest taken is four tiles a side (192 MB as RGB), which stays below
+# Pillow's own decompression-bomb limit; a larger image belongs in a TIFF, read by window.
+RECIPE_TILE_SIZE = 2048
+MAX_PICTURE_PIXELS = (4 * RECIPE_TILE_SIZE) ** 2
 
 # PIL modes whose pixels are a single value; other modes are converted to RGB.
 _SINGLE_VALUE_MODES = {"1", "L", "I", "I;16", "F"}
@@ -103,6 +111,16 @@ class MaskImage(_Window):
         return np.any(colour != 0, axis=-1)
 
 
+def image_id(path: str | os.PathLike) -> str:
+    """The id an image file stands for: its name without the whole image extension, as
+    the competition's `train.csv` writes ids (`x.ome.tiff` is `x`, not `x.ome`)."""
+    name = paths.path(path).name
+    for suffix in _COMPOUND_SUFFIXES + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return paths.path(path).stem
+
+
 def open_slide(path: str | os.PathLike) -> Slide:
     """Opens a TIFF, PNG or JPEG slide for windowed RGB reading (a context manager)."""
     path = paths.path(path)
@@ -163,16 +181,25 @@ class _PicturePlanes:
     """A PNG/JPEG decoded whole into memory."""
 
     def __init__(self, path: paths.Path, for_mask: bool):
-        # Whole slides exported as PNG legitimately exceed PIL's decompression-bomb limit.
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with path.open("rb") as file, Image.open(file) as image:
-                if for_mask and image.mode in _SINGLE_VALUE_MODES:
-                    pixels = np.asarray(image)[..., None]
-                else:
-                    pixels = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{path}: unreadable image ({_first_line(error)})") from None
+        pixels = None
+        # Pillow's decompression-bomb warning is turned into the error below rather than
+        # printed as a line of its own (its hard limit, twice as high, raises anyway).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with path.open("rb") as file, Image.open(file) as image:
+                    if image.width * image.height <= MAX_PICTURE_PIXELS:
+                        pixels = (np.asarray(image)[..., None]
+                                  if for_mask and image.mode in _SINGLE_VALUE_MODES
+                                  else np.asarray(image.convert("RGB")))
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+                pass
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{path}: unreadable image ({_first_line(error)})") from None
+        if pixels is None:
+            raise ValueError(f"{path}: more than {MAX_PICTURE_PIXELS:,} pixels, the most a "
+                             "PNG/JPEG may hold here (it is decoded whole); save a larger "
+                             "image as TIFF, which is read by window")
         self._pixels = pixels
         self.height, self.width, self.num_planes = pixels.shape
         self.dtype = pixels.dtype
@@ -197,11 +224,13 @@ class _TiffPlanes:
             raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
         try:
             pages = self._base_pages()
+            _check_complete(pages, self._tiff.filehandle.size)
             self._readers = [_MemmapPage(path, page) if page.is_memmappable
-                             else _SegmentPage(path, page) for page in pages]
+                             else _SegmentPage(page) for page in pages]
         except Exception as error:
             self.close()
             raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
+        self.path = path
         self.height, self.width = pages[0].imagelength, pages[0].imagewidth
         self.dtype = pages[0].dtype
         self._sources = []             # per channel: (reader, separate sample, contig sample)
@@ -236,7 +265,13 @@ class _TiffPlanes:
         return pages
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        windows = [reader.read(y0, y1, x0, x1) for reader in self._readers]
+        try:
+            windows = [reader.read(y0, y1, x0, x1) for reader in self._readers]
+        except _SegmentError as error:
+            raise ValueError(f"{self.path}: {error}") from None
+        except Exception as error:  # a file changed since it was opened, a failing disk
+            raise ValueError(f"{self.path}: cannot read rows {y0}:{y1}, cols {x0}:{x1} "
+                             f"({_first_line(error)})") from None
         return np.stack([windows[r][s, :, :, c] for r, s, c in self._sources], axis=-1)
 
     def close(self) -> None:
@@ -246,6 +281,20 @@ class _TiffPlanes:
     def _close_remote_file(self) -> None:
         if self._remote_file is not None:
             self._remote_file.close()
+
+
+class _SegmentError(ValueError):
+    """A TIFF segment that cannot be decoded; `_TiffPlanes.read` adds the file's name."""
+
+
+def _check_complete(pages: list[tifffile.TiffPage], file_size: int) -> None:
+    """A copy cut short fails when opened, not hours later at the missing window (or,
+    uncompressed, as numpy's memory-map error that names no file)."""
+    end = max(offset + count for page in pages
+              for offset, count in zip(page.dataoffsets, page.databytecounts))
+    if end > file_size:
+        raise ValueError(f"truncated: its pixel data runs to byte {end:,}, the file ends at "
+                         f"byte {file_size:,}")
 
 
 class _MemmapPage:
@@ -269,8 +318,7 @@ class _MemmapPage:
 class _SegmentPage:
     """A compressed page: decodes only the tiles or strips a window overlaps."""
 
-    def __init__(self, path: paths.Path, page: tifffile.TiffPage):
-        self._path = path
+    def __init__(self, page: tifffile.TiffPage):
         self._page = page
         self._shaped = page.shaped
         if page.is_tiled:
@@ -304,8 +352,8 @@ class _SegmentPage:
                 segment, (sample, _, top, left, _), _ = page.decode(data, index,
                                                                     **self._decode_args)
             except Exception as error:  # codec errors have no common base class
-                raise ValueError(f"{self._path}: cannot decode TIFF segment {index} "
-                                 f"({_first_line(error)})") from None
+                raise _SegmentError(f"cannot decode TIFF segment {index} "
+                                    f"({_first_line(error)})") from None
             if segment is None:     # segment absent from the file: zeros
                 continue
             segment = segment[0]    # drop the depth axis

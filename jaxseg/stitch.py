@@ -180,9 +180,17 @@ def predict_rows(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictF
             row, col = divmod(index, num_cols)
             y, x = windows[index]
             height, width = min(tile, grid.height - y), min(tile, grid.width - x)
+            inside = window_probabilities[:height, :width]
+            not_finite = np.count_nonzero(~np.isfinite(inside))
+            if not_finite:
+                # NaN > threshold is False: the window would silently become background.
+                raise FloatingPointError(
+                    f"window {index + 1} of {len(windows)} (rows {y}:{y + height}, cols "
+                    f"{x}:{x + width}): {not_finite} of {inside.size} predicted "
+                    "probabilities are NaN or infinite")
             if col == 0:
                 accumulator.extend_to(y + height)
-            weighted = (window_probabilities[:height, :width] * weights_y[row, :height, None]
+            weighted = (inside * weights_y[row, :height, None]
                         * weights_x[col, None, :width])
             accumulator.add(y, x, weighted)
             if col == num_cols - 1:

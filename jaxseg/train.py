@@ -130,7 +130,7 @@ def check_record_files(files: list[str], image_size: int) -> None:
 
 def holds_progress(workdir: paths.Path) -> bool:
     """Whether an earlier attempt finished a fold or saved a fold's state."""
-    return any((fold_dir / "result.json").exists() or checkpoints.has_latest(fold_dir)
+    return any(checkpoints.fold_finished(fold_dir) or checkpoints.has_latest(fold_dir)
                for fold_dir in workdir.glob("fold_*"))
 
 
@@ -396,7 +396,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
     if is_main:
         reporting.write_json(fold_dir / "history.json", history)
         reporting.plot_curves(history, fold_dir / "curves.png", title=f"fold {fold}")
-        reporting.write_json(fold_dir / "result.json", result)
+        reporting.write_json(fold_dir / checkpoints.FOLD_RESULT, result)
     return result
 
 
@@ -429,7 +429,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     results = {}
     with processes.PreemptionWatch(mesh) as preemption:
         for plan in plans:
-            result_path = workdir / f"fold_{plan.fold}" / "result.json"
+            result_path = workdir / f"fold_{plan.fold}" / checkpoints.FOLD_RESULT
             finished = processes.decided_by_main(
                 lambda: json.loads(result_path.read_text()) if result_path.exists() else None)
             if finished is not None:
@@ -475,7 +475,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         check_workdir_config(config, workdir)
         files = data.list_record_files(config.data_dir)
         check_record_files(files, config.image_size)
-        return files, {path: data.count_examples(path) for path in files}, workdir.exists()
+        return files, data.checked_counts(files, config.data_dir), workdir.exists()
 
     files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)

@@ -1,4 +1,5 @@
 """Input pipeline: file listing, counts, folds, host shards, batches and bad-record errors."""
+import json
 import os
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import tensorflow as tf
 from sklearn.model_selection import KFold
 
 from jaxseg.augment import default_augment_config
-from jaxseg.data import (count_examples, host_shard, kfold_splits, list_record_files,
-                         num_validation_batches, train_batches, validation_batches)
+from jaxseg.data import (checked_counts, count_examples, host_shard, kfold_splits,
+                         list_record_files, num_validation_batches, train_batches,
+                         validation_batches)
 from jaxseg.records import serialize_example, write_records
 
 SIZE = 16
@@ -88,6 +90,35 @@ def test_count_examples_names_a_truncated_file(tmp_path):
     path.write_bytes(Path(write_records(tmp_path, "s", [_tile(1), _tile(2)])).read_bytes()[:-9])
     with pytest.raises(ValueError, match=f"{path}: truncated or corrupt"):
         count_examples(path)
+
+
+def test_a_file_cut_at_a_record_boundary_is_named(record_dir, files, tmp_path):
+    """Every record of the copy is whole, so reading it raises nothing: only the count
+    in its name shows that two of seven are missing."""
+    cut = tmp_path / "slide1-7.tfrec"
+    raw = Path(files[1]).read_bytes()
+    cut.write_bytes(raw[:len(raw) // 7 * 5])
+    assert len(list(tf.data.TFRecordDataset(str(cut)))) == 5
+    with pytest.raises(ValueError, match=f"^{cut}: holds 5 records, its name promises 7; "
+                                         "a partial copy\\?$"):
+        checked_counts([str(cut)], tmp_path)
+    assert checked_counts(files, record_dir) == dict(zip(files, SLIDE_SIZES.values()))
+
+
+def test_files_must_be_the_slides_prepare_json_lists(record_dir, files, tmp_path):
+    (tmp_path / "prepare.json").write_text(json.dumps({"reduction": 2, "slides": {
+        "slide0": 5, "slide1": 7, "slide2": 3, "slide3": 9}}))
+    assert checked_counts(files, tmp_path) == dict(zip(files, SLIDE_SIZES.values()))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'prepare.json'}: lists "
+                                         f"slide3-9.tfrec, which {tmp_path} lacks"):
+        checked_counts(files[:3], tmp_path)
+    (tmp_path / "prepare.json").write_text(json.dumps({"slides": {
+        "slide0": 5, "slide1": 7, "slide2": 3, "slide3": 8}}))
+    with pytest.raises(ValueError, match=f"^{files[3]}: not among the slides "
+                                         f"{tmp_path / 'prepare.json'} lists"):
+        checked_counts(files, tmp_path)
+    (tmp_path / "prepare.json").write_text(json.dumps({"reduction": 2}))   # made elsewhere
+    assert checked_counts(files, tmp_path) == dict(zip(files, SLIDE_SIZES.values()))
 
 
 @pytest.mark.parametrize("num_files,num_folds,seed",
@@ -214,7 +245,8 @@ def test_train_reads_only_this_hosts_files(files):
 def test_train_needs_files_and_examples_on_every_host(files, tmp_path):
     with pytest.raises(ValueError, match="host 4 of 5 has no training files"):
         _train(files, process_index=4, process_count=5)
-    empty = write_records(tmp_path, "empty", [])
+    empty = tmp_path / "empty-0.tfrec"     # what a TFRecord writer leaves for no records
+    empty.write_bytes(b"")
     with pytest.raises(ValueError, match="no training examples in .*empty-0.tfrec"):
         _train([str(empty)])
 

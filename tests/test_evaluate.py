@@ -59,13 +59,36 @@ def hand_made(tmp_path):
 
 def test_evaluate_against_rle_truth_and_mask_folder(hand_made):
     pred, truth, masks, shapes = hand_made
-    for result in (evaluate.evaluate(pred, truth, shapes), evaluate.evaluate(pred, masks)):
+    three_images = {image_id: shapes[image_id] for image_id in "abc"}
+    for result in (evaluate.evaluate(pred, truth, three_images),
+                   evaluate.evaluate(pred, masks)):
         assert [row["id"] for row in result["images"]] == ["a", "b", "c"]
         assert [row["dice"] for row in result["images"]] == pytest.approx([6 / 9, 1.0, 0.0])
         assert [row["pred_pixels"] for row in result["images"]] == [4, 0, 0]
         assert [row["true_pixels"] for row in result["images"]] == [5, 0, 5]
         assert result["mean_dice"] == pytest.approx(5 / 9)
-    assert evaluate.evaluate(pred, truth, shapes)["unscored_truth_ids"] == ["d"]
+        assert result["missing_ids"] == []
+
+
+def test_a_truth_image_without_prediction_scores_0_and_is_named(hand_made):
+    """Kaggle scores a missing id 0, even where the truth is empty (an empty prediction
+    would score 1 there): d has no row in the submission."""
+    pred, truth, masks, shapes = hand_made
+    Image.fromarray(np.zeros((3, 4), np.uint8)).save(masks / "d.png")
+    for result in (evaluate.evaluate(pred, truth, shapes), evaluate.evaluate(pred, masks)):
+        assert [row["id"] for row in result["images"]] == ["a", "b", "c", "d"]
+        assert result["images"][3] == {"id": "d", "dice": 0.0, "pred_pixels": None,
+                                       "true_pixels": None}
+        assert result["mean_dice"] == pytest.approx((6 / 9 + 1) / 4)
+        assert result["missing_ids"] == ["d"]
+    done = run_cli(f"--pred={pred}", f"--truth={masks}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-3].split() == ["d", "0.0000", "no", "prediction"]
+    assert done.stdout.splitlines()[-2].split() == ["mean", "0.4167"]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "1 truth image(s) have no prediction and score 0 (Kaggle's rule): d")
+    assert (pred.parent / "sub_dice.csv").read_text().splitlines()[-2:] == [
+        "d,0.000000,,", "mean,0.416667,,"]
 
 
 def test_rle_comparison_in_column_blocks_matches_decoded_masks(monkeypatch):
@@ -73,7 +96,7 @@ def test_rle_comparison_in_column_blocks_matches_decoded_masks(monkeypatch):
     pred, true = rng.random((50, 70)) > 0.5, rng.random((50, 70)) > 0.4
     monkeypatch.setattr(evaluate, "_BLOCK_PIXELS", 50 * 3)  # blocks of 3 columns
     intersection, pred_pixels, true_pixels = evaluate._counts_of_rles(
-        rle.encode(pred), rle.encode(true), (50, 70))
+        rle.RleMask(rle.encode(pred), (50, 70)), rle.RleMask(rle.encode(true), (50, 70)))
     assert evaluate._dice_from_counts(intersection, pred_pixels, true_pixels) == \
         pytest.approx(evaluate.dice(pred, true))
     assert (pred_pixels, true_pixels) == (pred.sum(), true.sum())
@@ -83,10 +106,9 @@ def test_evaluate_errors_name_the_problem(hand_made, tmp_path):
     pred, truth, masks, shapes = hand_made
     with pytest.raises(ValueError, match="image a: unknown image shape"):
         evaluate.evaluate(pred, truth, {})
-    with pytest.raises(ValueError, match="image a: mask is"):
+    with pytest.raises(ValueError, match=f"{masks / 'a.png'}: mask is \\(3, 4\\), image a is "
+                                         "\\(4, 3\\)"):
         evaluate.evaluate(pred, masks, {"a": (4, 3)})
-    with pytest.raises(ValueError, match="runs past the image"):
-        evaluate.evaluate(pred, truth, {**shapes, "a": (2, 2)})
     stranger = write_csv(tmp_path / "s.csv", "predicted", [("zzz", "")])
     with pytest.raises(ValueError, match="no truth for predicted ids zzz"):
         evaluate.evaluate(stranger, truth, shapes)
@@ -98,6 +120,19 @@ def test_evaluate_errors_name_the_problem(hand_made, tmp_path):
         evaluate.evaluate(bad_header, truth, shapes)
     with pytest.raises(FileNotFoundError, match="no such file"):
         evaluate.evaluate(tmp_path / "absent.csv", truth, shapes)
+
+
+def test_rle_errors_name_the_file_and_the_id(hand_made, tmp_path):
+    pred, truth, masks, shapes = hand_made
+    with pytest.raises(ValueError, match=f"^{pred}, id a: RLE runs past the image"):
+        evaluate.evaluate(pred, truth, {**shapes, "a": (2, 2)})
+    too_long = write_csv(tmp_path / "long.csv", "predicted", [("b", "5 100")])
+    with pytest.raises(ValueError, match=f"^{too_long}, id b: RLE runs past the image"):
+        evaluate.evaluate(too_long, masks)
+    only_a = write_csv(tmp_path / "only_a.csv", "predicted", [("a", "")])
+    odd_truth = write_csv(tmp_path / "odd.csv", "encoding", [("a", "1 2 3")])
+    with pytest.raises(ValueError, match=f"^{odd_truth}, id a: RLE has an odd number"):
+        evaluate.evaluate(only_a, odd_truth, shapes)
 
 
 def run_cli(*args):
@@ -120,18 +155,18 @@ def test_shapes_come_from_image_headers(hand_made, tmp_path):
     pred, truth, _, _ = hand_made
     images = tmp_path / "images"
     images.mkdir()
-    for image_id in "abc":
-        Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(images / f"{image_id}.png")
-    shapes = evaluate.image_shapes(str(images / "*.png"))
-    assert shapes == {"a": (3, 4), "b": (3, 4), "c": (3, 4)}
+    for name in ("a.png", "b.png", "c.ome.tiff"):
+        Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(images / name)
+    shapes = evaluate.image_shapes(str(images / "*"))
+    assert shapes == {"a": (3, 4), "b": (3, 4), "c": (3, 4)}  # c.ome.tiff is image c
     out = tmp_path / "table.csv"
-    done = run_cli(f"--pred={pred}", f"--truth={truth}", f"--images={images}/*.png",
+    done = run_cli(f"--pred={pred}", f"--truth={truth}", f"--images={images}/*",
                    f"--out={out}")
     assert done.returncode == 0, done.stderr
     assert out.read_text().splitlines()[-1] == "mean,0.555556,,"
-    assert "1 truth ids have no prediction" in done.stderr
+    assert "no prediction" not in done.stderr  # d is not among the images named
     with pytest.raises(FileNotFoundError, match="no files match"):
-        evaluate.image_shapes(str(images / "*.tiff"))
+        evaluate.image_shapes(str(images / "*.jpg"))
 
 
 def test_cli_error_is_one_line(hand_made):

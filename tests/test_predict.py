@@ -2,6 +2,7 @@
 fake training run (random Unet-efficientnetb0, 64 px tiles) predicted end to end."""
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -55,7 +56,8 @@ def test_scaled_reader_gives_block_means_with_edges_repeated(tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory):
-    """A jaxseg.train run directory: two folds of a random Unet-b0, 64 px, reduction 2.
+    """A jaxseg.train run directory: two finished folds of a random Unet-b0, 64 px,
+    reduction 2.
 
     With normalised input the random network's logits stay within about +-10; on raw
     0..255 pixels they reach thousands and float rounding flips probabilities.
@@ -67,6 +69,7 @@ def fake_run(tmp_path_factory):
         variables = models.random_variables(model, seed=fold, random_affine=True)
         saver.save_best(0, variables, {"val_dice_coe": 0.5})
         saver.close()
+        (run / f"fold_{fold}" / "result.json").write_text(json.dumps({"fold": fold}))
     (run / "config.json").write_text(json.dumps({
         "backbone": "efficientnetb0", "image_size": TILE, "half_precision": False,
         "normalize_input": True, "num_folds": 2, "depthwise_impl": "auto"}))
@@ -77,13 +80,35 @@ def fake_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A tiled TIFF larger than one window and a PNG smaller than one window."""
+    """A tiled OME-TIFF larger than one window (id `slide1`, as the competition writes
+    it) and a PNG smaller than one window."""
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(5)
-    tifffile.imwrite(folder / "slide1.tiff", rng.integers(0, 256, (190, 301, 3), np.uint8),
+    tifffile.imwrite(folder / "slide1.ome.tiff", rng.integers(0, 256, (190, 301, 3), np.uint8),
                      tile=(32, 32))
     Image.fromarray(rng.integers(0, 256, (101, 77, 3), np.uint8)).save(folder / "tile2.png")
     return folder
+
+
+def test_unfinished_folds_are_left_out_and_named_unless_allowed(fake_run, tmp_path, capsys):
+    """A fold still training (or stopped) has no result.json: its half-trained best
+    model must not join the ensemble without a word."""
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    (run / "fold_1" / "result.json").unlink()
+    assert [str(path) for path in predict.find_fold_dirs(run)] == [str(run / "fold_0")]
+    assert capsys.readouterr().err == (
+        f"warning: leaving out fold_1 of {run}: training unfinished (no result.json); "
+        "--allow_unfinished_folds includes them\n")
+    ensemble = predict.load_ensemble(str(run), allow_unfinished_folds=True)
+    assert len(ensemble.variables) == 2
+    assert ensemble.source == f"{run / 'fold_0'}, {run / 'fold_1'} (unfinished)"
+    with pytest.raises(ValueError, match="fold_1: training of this fold has not finished"):
+        predict.load_ensemble(None, checkpoint=str(run / "fold_1"))
+    (run / "fold_0" / "result.json").unlink()
+    with pytest.raises(ValueError, match=f"^{run}: no fold has finished training \\(fold_0, "
+                                         "fold_1 have no result.json\\)"):
+        predict.find_fold_dirs(run)
 
 
 def test_flip_tta_is_flip_equivariant_and_averages_folds(fake_run):
@@ -145,10 +170,11 @@ def test_predict_end_to_end_writes_rles_of_the_predicted_masks(submission, image
             shape = (slide.height, slide.width)
             mask = predict.predict_slide(slide, predict_fn, options())
         assert mask.shape == predict.model_scale_shape(*shape, REDUCTION)
-        np.testing.assert_array_equal(rle.decode(encodings[path.stem], shape),
+        np.testing.assert_array_equal(rle.decode(encodings[slides.image_id(path)], shape),
                                       upsample(mask, REDUCTION, shape))
         fractions.append(mask.mean())
-        overlay = np.asarray(Image.open(out.parent / "overlays" / f"{path.stem}.png"))
+        overlay = np.asarray(Image.open(out.parent / "overlays" /
+                                        f"{slides.image_id(path)}.png"))
         assert overlay.shape == (*mask.shape, 3)
     assert 0 < np.mean(fractions) < 1, fractions  # the random model predicts both classes
     assert not list(out.parent.glob(".*"))
@@ -195,6 +221,15 @@ def test_a_failing_slide_leaves_no_csv(images, tmp_path):
         predict.predict_to_csv(paths, fails_on_second_slide,
                                dataclasses.replace(options(), batch_size=100), out)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_nan_prediction_stops_naming_slide_and_window(images):
+    """Not an empty mask: the model's NaN is reported, naming where it came from."""
+    path = images / "slide1.ome.tiff"
+    with slides.open_slide(path) as slide, pytest.raises(FloatingPointError, match=(
+            rf"^{path}: window 1 of 6 \(rows 0:64, cols 0:64\): 4096 of 4096 predicted "
+            r"probabilities are NaN or infinite \(pixels at 1/2 scale\); stopped$")):
+        predict.predict_slide(slide, lambda batch: np.full(batch.shape[:3], np.nan), options())
 
 
 def test_input_errors_name_the_file(fake_run, images, tmp_path):

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import tifffile
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image
 
-from jaxseg import prepare, rle
+from jaxseg import data, prepare, rle
 
 HEIGHT, WIDTH = 300, 420
 TILE, REDUCTION = 128, 2
@@ -110,7 +111,8 @@ def test_tiles_are_the_right_windows_of_image_and_mask(tmp_path, overlap, pad_y,
     assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary == {
         "tile_size": TILE, "reduction": REDUCTION, "overlap": overlap,
         "thresholds": {"saturation": 40, "min_pixels": 62},
-        "padding": prepare.PADDING, "slides": {"slide0": len(expected)}}
+        "padding": prepare.PADDING, "slides": {"slide0": len(expected)},
+        "skipped_slides": []}
 
 
 def test_grid_starts_and_overlap():
@@ -181,15 +183,106 @@ def test_images_mode_pairs_stems_and_counts_in_names(tmp_path):
         b_mask, mask[:128, 170:298].reshape(64, 2, 64, 2).mean(axis=(1, 3)) >= 0.5)
 
 
+def test_an_ome_tiff_slide_is_the_id_train_csv_names(tmp_path):
+    """train.csv writes the id without the whole extension: `x.ome.tiff` is `x`."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    train = tmp_path / "data" / "train"
+    (train / "slide0.tiff").rename(train / "slide0.ome.tiff")
+    [job] = prepare.competition_jobs(tmp_path / "data")
+    assert (job.slide_id, job.image_path.name) == ("slide0", "slide0.ome.tiff")
+
+
+def test_a_slide_without_tissue_is_skipped_and_named(tmp_path, capsys):
+    """Training rejects an empty record file, so none is written: the glass-only slide
+    is named in a warning and in prepare.json, and its old records go."""
+    image, mask = make_slide(0)
+    glass = np.broadcast_to(np.array(GLASS, np.uint8), image.shape).copy()
+    write_competition(tmp_path / "data", {"glass": (glass, mask), "tissue": (image, mask)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "glass-4.tfrec").write_bytes(b"an earlier tiling")
+    summary = run_competition(tmp_path / "data", tmp_path / "out")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"warning: {tmp_path / 'data' / 'train' / 'glass.tiff'}: no tile passes the "
+        "background filter; slide glass is skipped (no record file)")
+    count = summary["slides"]["tissue"]
+    assert record_files(tmp_path / "out") == ["prepare.json", f"tissue-{count}.tfrec"]
+    assert (summary["slides"], summary["skipped_slides"]) == ({"tissue": count}, ["glass"])
+    assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary
+
+    write_competition(tmp_path / "glass_only", {"glass": (glass, mask)})
+    with pytest.raises(ValueError, match="^no tile of any slide passes the background "
+                                         "filter \\(saturation > 40 on more than 62 "
+                                         "pixels\\): nothing to train on$"):
+        run_competition(tmp_path / "glass_only", tmp_path / "out2")
+    assert record_files(tmp_path / "out2") == []
+
+
 def test_rerun_replaces_the_slides_records(tmp_path):
     image, mask = make_slide(0)
     write_competition(tmp_path / "data", {"slide0": (image, mask)})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "slide0-999.tfrec").write_bytes(b"stale")
-    (tmp_path / "out" / "slide01-3.tfrec").write_bytes(b"another slide")
     count = run_competition(tmp_path / "data", tmp_path / "out")["slides"]["slide0"]
-    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{count}.tfrec",
-                                              "slide01-3.tfrec"]
+    assert record_files(tmp_path / "out") == ["prepare.json", f"slide0-{count}.tfrec"]
+
+
+def test_an_output_holding_other_slides_records_is_refused(tmp_path):
+    """Training reads every record file in the folder: another slide's old records would
+    be mixed with this tiling under a prepare.json that does not list them."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "slide01-3.tfrec").write_bytes(b"another slide, another tiling")
+    with pytest.raises(ValueError, match=(
+            f"^{tmp_path / 'out'}: holds records of slides this run does not prepare "
+            r"\(slide01-3.tfrec\); training would mix them with this tiling")):
+        run_competition(tmp_path / "data", tmp_path / "out")
+    assert record_files(tmp_path / "out") == ["slide01-3.tfrec"]
+
+
+def test_staging_left_by_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path):
+    """kill -9 and SIGTERM skip prepare's cleanup; the next run removes what a dead
+    process on this host left, and leaves a running process's folder alone."""
+    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+    out = tmp_path / "out"
+    host = socket.gethostname()
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as finished:
+        pass
+    dead = out / f".prepare-staging-{host}-{finished.pid}-abc123"
+    live = out / f".prepare-staging-{host}-{os.getppid()}-def456"
+    for staging in (dead, live):
+        (staging / "slide0.tfrec.partial").parent.mkdir(parents=True)
+        (staging / "slide0.tfrec.partial").write_bytes(b"half")
+    count = run_competition(tmp_path / "data", out)["slides"]["slide0"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        live.name, "prepare.json", f"slide0-{count}.tfrec"]
+
+
+def test_a_run_stopped_while_moving_records_in_is_refused_by_training_and_rerun_whole(
+        tmp_path, monkeypatch):
+    """prepare.json is written before the records move in, so an output cut short there
+    disagrees with it (training names the missing file) instead of looking whole."""
+    write_competition(tmp_path / "data", {"s0": make_slide(0), "s1": make_slide(1)})
+    out = tmp_path / "out"
+    publish, moved = prepare.paths.publish, []
+
+    def killed_at_the_second_record(staged, destination):
+        if str(destination).endswith(".tfrec"):
+            moved.append(destination)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        publish(staged, destination)
+
+    monkeypatch.setattr(prepare.paths, "publish", killed_at_the_second_record)
+    with pytest.raises(KeyboardInterrupt):
+        run_competition(tmp_path / "data", out)
+    monkeypatch.undo()
+    summary = json.loads((out / "prepare.json").read_text())
+    with pytest.raises(ValueError, match=f"lists s1-{summary['slides']['s1']}.tfrec, which "
+                                         f"{out} lacks"):
+        data.checked_counts(data.list_record_files(out), out)
+    assert run_competition(tmp_path / "data", out) == summary
+    assert len(data.checked_counts(data.list_record_files(out), out)) == 2
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]
 
 
 def assert_one_line(error, *fragments):

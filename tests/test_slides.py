@@ -1,9 +1,14 @@
 """Windowed slide reading across the competition's TIFF layouts, PIL images, masks."""
+import os
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
+from jaxseg import slides
 from jaxseg.slides import downscale_area, open_mask, open_slide
 
 HEIGHT, WIDTH = 150, 230
@@ -120,6 +125,65 @@ def test_corrupt_tile_data_fails_when_read(tmp_path, image):
         slide.read(0, 64, 0, 64)                  # untouched tiles still read
         with pytest.raises(ValueError, match="corrupt.tiff: cannot decode TIFF segment"):
             slide.read(HEIGHT - 10, HEIGHT, WIDTH - 10, WIDTH)
+
+
+@pytest.mark.parametrize("layout", ["hwc", "strips-zlib", "tiled-zlib", "chw-planar"])
+def test_a_truncated_tiff_is_named_when_opened(tmp_path, image, layout):
+    """A copy cut short: uncompressed pages used to fail at the first read with numpy's
+    'mmap length is greater than file size', naming no file."""
+    path = tmp_path / "cut.tiff"
+    LOSSLESS_LAYOUTS[layout](path, image)
+    os.truncate(path, os.path.getsize(path) * 2 // 3)
+    with pytest.raises(ValueError, match=r"cut.tiff: unreadable TIFF \(truncated: its pixel "
+                                         r"data runs to byte [\d,]+, the file ends at byte"):
+        open_slide(path)
+
+
+def test_a_tiff_cut_while_open_is_named_when_read(tmp_path, image):
+    path = tmp_path / "shrinking.tiff"
+    LOSSLESS_LAYOUTS["hwc"](path, image)
+    with open_slide(path) as slide:
+        os.truncate(path, 1000)
+        with pytest.raises(ValueError, match="shrinking.tiff: cannot read rows 0:150, cols "
+                                             "0:230 \\(mmap length"):
+            slide.read(0, HEIGHT, 0, WIDTH)
+
+
+def test_image_ids_drop_the_whole_image_extension():
+    """The competition's train.csv names slide `aaa6a05cc.tiff` as id `aaa6a05cc`; an
+    OME-TIFF `x.ome.tiff` is image `x`."""
+    assert [slides.image_id(name) for name in [
+        "train/aaa6a05cc.tiff", "x.ome.tiff", "x.OME.TIF", "gs://b/tiles/y.v2.png",
+        "z.jpeg"]] == ["aaa6a05cc", "x", "x", "y.v2", "z"]
+
+
+def _png_claiming_size(path, width, height):
+    """A small PNG whose header claims another size: what a decompression bomb shows
+    before its pixels are decoded."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("width, height", [(9000, 8000), (100_000, 100_000)])
+def test_pictures_above_the_bound_are_refused_before_decoding(tmp_path, width, height):
+    """Above the bound (four 2048 px tiles a side) and above Pillow's own hard limit."""
+    path = tmp_path / "bomb.png"
+    _png_claiming_size(path, width, height)
+    with pytest.raises(ValueError, match="bomb.png: more than 67,108,864 pixels, the most a "
+                                         "PNG/JPEG may hold here") as error:
+        open_slide(path)
+    assert "\n" not in str(error.value)
+
+
+def test_reading_a_picture_leaves_pillows_guard_alone(tmp_path, image):
+    guard = Image.MAX_IMAGE_PIXELS
+    Image.fromarray(image).save(tmp_path / "tile.png")
+    with open_slide(tmp_path / "tile.png") as slide:
+        assert (slide.height, slide.width) == (HEIGHT, WIDTH)
+    assert Image.MAX_IMAGE_PIXELS == guard is not None
 
 
 def test_missing_file_and_out_of_range_windows(tmp_path, image):

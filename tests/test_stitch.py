@@ -110,3 +110,23 @@ def test_bad_plans_and_models_are_refused():
     with pytest.raises(ValueError, match="returned shape"):
         stitch.predict_image(grid, image_reader(random_image(100, 100)),
                              lambda batch: batch[..., 0, 0])
+
+
+def test_a_non_finite_probability_stops_naming_the_window():
+    """NaN > threshold is False: without the check the window would become background."""
+    image = random_image(100, 150)
+    image[..., 1] = np.minimum(image[..., 1], 200)
+    image[70, 120, 1] = 255                     # the one pixel the model fails on
+    grid = stitch.plan_windows(100, 150, TILE, 16)
+
+    def fails_on_the_marked_pixel(batch):
+        return np.where(batch[..., 1] == 255, np.nan, identity(batch))
+
+    first = next(number for number, (y, x) in enumerate(grid.windows())
+                 if y <= 70 < y + TILE and x <= 120 < x + TILE)
+    y, x = grid.windows()[first]
+    with pytest.raises(FloatingPointError, match=(
+            rf"^window {first + 1} of {grid.num_windows} \(rows {y}:{y + TILE}, cols "
+            rf"{x}:{min(x + TILE, 150)}\): 1 of {TILE * TILE} predicted probabilities are NaN "
+            "or infinite$")):
+        stitch.predict_mask(grid, image_reader(image), fails_on_the_marked_pixel)

@@ -1,6 +1,7 @@
 """The train loop end to end on tiny records, and the data-parallel step's exactness."""
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,21 @@ def test_changed_config_in_same_workdir_is_refused(finished_run, record_dir):
     workdir, _ = finished_run
     with pytest.raises(ValueError, match="config.image_size"):
         train.train_and_evaluate(tiny_config(record_dir, image_size=96), workdir)
+
+
+def test_a_record_file_cut_at_a_record_boundary_stops_the_run_first(record_dir, tmp_path):
+    """slide1 is one of fold 0's training files: the cut copy reads cleanly and training
+    repeats its dataset, so without the count check the run would train on 5 of its 8
+    tiles and say nothing."""
+    data_dir = tmp_path / "records"
+    shutil.copytree(record_dir, data_dir)
+    cut = data_dir / "slide1-8.tfrec"
+    assert str(cut) in data.kfold_splits(data.list_record_files(data_dir), 2, 0)[0][0]
+    raw = cut.read_bytes()
+    cut.write_bytes(raw[:len(raw) // 8 * 5])
+    with pytest.raises(ValueError, match=f"^{cut}: holds 5 records, its name promises 8"):
+        train.train_and_evaluate(tiny_config(data_dir, folds="0"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_more_folds_than_files_is_a_clear_error(record_dir, tmp_path):
