@@ -197,12 +197,6 @@ def largest_binned_chunk_bytes() -> int:
                default=0)
 
 
-def top_serves(buffer_bytes: int) -> bool:
-    """Whether malloc will take a buffer of this size from the heap's top: it looks in its
-    bins first (best fit), and a binned chunk may have given its pages back."""
-    return heap_top_bytes() >= buffer_bytes and largest_binned_chunk_bytes() < buffer_bytes
-
-
 def make_room(buffer_bytes: int) -> bool:
     """Before a step that allocates `buffer_bytes` while guarding: keeps the freed memory
     if the step will reuse the top of the heap, else returns the heap's free pages, so the
@@ -228,7 +222,7 @@ def make_room(buffer_bytes: int) -> bool:
     return True
 
 
-def guard_if_crowded(limit_bytes: int | None = None) -> bool:
+def guard_if_crowded() -> bool:
     """When the process holds over CROWDED_FRACTION of the memory, makes every later step
     find room first (`with_room`); where glibc cannot report its heap, restores glibc's
     defaults instead. True when the process is crowded. Call it after a phase's first step
@@ -236,8 +230,7 @@ def guard_if_crowded(limit_bytes: int | None = None) -> bool:
     global _kept, _guarding
     if not _kept or _guarding:
         return False
-    limit = memory_limit_bytes() if limit_bytes is None else limit_bytes
-    if resident_bytes() <= CROWDED_FRACTION * limit:
+    if resident_bytes() <= CROWDED_FRACTION * memory_limit_bytes():
         return False
     if _can_guard():
         _guarding = True
@@ -250,10 +243,6 @@ def guard_if_crowded(limit_bytes: int | None = None) -> bool:
     release_freed_memory()
     _kept = False
     return True
-
-
-def guarding() -> bool:
-    return _guarding
 
 
 def with_room(program: Callable) -> Callable:
