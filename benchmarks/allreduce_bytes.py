@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from configs import b5 as b5_config, cpu as cpu_config  # noqa: E402
-from jaxseg import parallel, steps, train  # noqa: E402
+from jaxseg import models, parallel, steps  # noqa: E402
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4}
 ALL_REDUCE = re.compile(r'"stablehlo.all_reduce"\((.*?)\}\) : \((.*?)\) ->', re.S)
@@ -26,7 +26,7 @@ ALL_REDUCE = re.compile(r'"stablehlo.all_reduce"\((.*?)\}\) : \((.*?)\) ->', re.
 def allreduce_bytes(config: ml_collections.ConfigDict, image_size: int) -> tuple[int, int, int]:
     """(parameters, all-reduce operands, their bytes) of one train step."""
     mesh = parallel.make_mesh()
-    model = train.build_model(config)
+    model = models.build_model(config, bn_axis_name=parallel.AXIS)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))

@@ -103,19 +103,17 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
 
     keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.train` does
     import jax
-    import jax.numpy as jnp
 
     from jaxseg import models, parallel, predict, steps
 
-    remat = {"auto": {}, "true": {"remat": True}, "false": {"remat": False}}[_REMAT.value]
-    model = models.Unet(_BACKBONE.value, bn_axis_name=parallel.AXIS,
-                        dtype=jnp.bfloat16 if _HALF_PRECISION.value else jnp.float32,
-                        depthwise_impl=_DEPTHWISE_IMPL.value, conv_impl=_CONV_IMPL.value,
-                        upsample_impl=_UPSAMPLE_IMPL.value,
-                        batchnorm_impl=_BATCHNORM_IMPL.value, **remat)
+    config = {"backbone": _BACKBONE.value, "half_precision": _HALF_PRECISION.value,
+              "depthwise_impl": _DEPTHWISE_IMPL.value, "conv_impl": _CONV_IMPL.value,
+              "upsample_impl": _UPSAMPLE_IMPL.value, "batchnorm_impl": _BATCHNORM_IMPL.value,
+              **{"auto": {}, "true": {"remat": True}, "false": {"remat": False}}[_REMAT.value]}
+    model = models.build_model(config, bn_axis_name=parallel.AXIS)
     mesh = parallel.make_mesh()
     compiled_steps = steps.CompiledSteps(model, "dice", mesh)
-    variables = models.random_variables(model, seed=0)
+    variables = models.init_variables(model, seed=0)
     state = parallel.replicate(steps.create_train_state(variables, compiled_steps.tx, 0), mesh)
     images, masks = _random_batch(_BATCH_SIZE.value, _IMAGE_SIZE.value)
     batch = parallel.to_global_batch({"image": images, "mask": masks}, mesh)
@@ -130,7 +128,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
         step = compiled_steps.train(freeze_encoder=False)  # training's own call: jit's cache
     # The native layers' count (the CPU paths skip work: folded upsampling), lowered for
     # the CPU, which counts without compiling (a GPU client counts compiled programs only).
-    native = model.clone(**{field: "native" for field in models.IMPL_FIELDS})
+    native = models.build_model({**config, **dict.fromkeys(models.IMPL_FIELDS, "native")})
     with jax.default_device(jax.devices("cpu")[0]):
         forward = jax.jit(functools.partial(native.apply, train=False)).lower(
             variables, np.zeros((1, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3), np.float32))
@@ -159,8 +157,9 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
         if ran & first_step_pending:  # as jaxseg.train and jaxseg.predict do after a first step
             first_step_pending.difference_update(ran)
             if host_memory.guard_if_crowded():
+                # Crowded: it guards the freed memory it still keeps, or gave it up.
                 facts["keeps_freed_memory"] = host_memory.keeps_freed_memory()
-                facts["guards_freed_memory"] = host_memory.guarding()
+                facts["guards_freed_memory"] = facts["keeps_freed_memory"]
 
     def device_peak() -> None:
         stats = jax.devices()[0].memory_stats()

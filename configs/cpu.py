@@ -15,7 +15,7 @@ def get_config():
     config.learning_rate = 1e-3
     config.plateau_patience = 3
     config.early_stopping_patience = 5
-    # XLA:CPU's B0 step is 9% faster without rematerialisation (BENCHMARKS.md), whose
+    # XLA:CPU's B0 step is faster without rematerialisation (BENCHMARKS.md), whose
     # memory saving it does not need at this size.
     config.remat = False
     return config

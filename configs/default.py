@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.drop_connect_rate = 0.2
     # How layers are computed; every choice gives the same outputs and gradients.
     # 'auto' picks what is fast where it runs (BENCHMARKS.md): the first of each pair on
-    # GPU/TPU, the second on CPU.
+    # GPU/TPU, the second on CPU (jaxseg/models/build.py chooses, and says why).
     config.depthwise_impl = "auto"     # 'native' | 'shifted' (multiply-adds)
     config.conv_impl = "auto"          # 'native' | 'matmul' (1x1 convolutions)
     config.upsample_impl = "auto"      # 'native' | 'folded' (upsample + 3x3 conv as 2x2)

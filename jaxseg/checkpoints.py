@@ -16,7 +16,7 @@ disk, since the repeated epoch may not improve again.
 
 Checkpoints hold host (numpy) copies of the replicated state: orbax would otherwise
 slice every replicated array across the devices to write the replicas in parallel,
-which compiles one small program per array shape (a minute per process on CPU).
+which compiles one small program per array shape, slowly on CPU.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 
 from jaxseg import cli, paths
-from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder
+from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
@@ -110,19 +110,19 @@ def _example_input() -> jax.Array:
 
 
 def _layers_in_call_order(model: Unet) -> tuple[list[tuple[str, ...]], dict]:
-    """Module paths in the order the network calls them (Keras' layer order, so the
-    first misfit reported is the first in the network) and the variables' shapes."""
-    order = []
+    """Module paths in the order the network first calls them (Keras' layer order, so
+    the first misfit reported is the first in the network) and the variables' shapes."""
+    order = {}
 
     def record(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
-            order.append(context.module.path)
+            order.setdefault(context.module.path)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
         shapes = jax.eval_shape(functools.partial(model.init, train=False),
                                 jax.random.key(0), _example_input())
-    return order, shapes
+    return list(order), shapes
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -134,9 +134,13 @@ def _init_decoder(backbone: str, key: jax.Array) -> dict:
     return UnetDecoder().init(key, zeros, train=False)
 
 
-def _convert(path: str | os.PathLike, backbone: str, seed: int) -> tuple[dict, dict]:
-    """The variables and what the file held: {'kind', 'normalize_input'}."""
-    model = Unet(backbone)
+def keras_to_flax(path: str | os.PathLike, backbone: str, seed: int = 0) -> tuple[dict, dict]:
+    """{'params', 'batch_stats'} of the Unet of `backbone` (nested dicts of float32 numpy
+    arrays) and what the file held ({'kind', 'normalize_input'}), from a
+    segmentation_models Unet file, or from an encoder-only ('notop') file of
+    qubvel/efficientnet or keras.applications, whose decoder is then freshly initialised
+    from `seed`. Raises FileNotFoundError, or ValueError naming the first misfit layer."""
+    model = build_model({"backbone": backbone})
     stored = read_keras_weights(path)
     stored_layers = {layer for layer, _ in stored}
     kind = KIND_UNET if _HEAD_LAYER in stored_layers else KIND_ENCODER
@@ -171,14 +175,6 @@ def _convert(path: str | os.PathLike, backbone: str, seed: int) -> tuple[dict, d
     return variables, {"kind": kind, "normalize_input": _NORMALIZATION_LAYER in stored_layers}
 
 
-def keras_to_flax(path: str | os.PathLike, backbone: str, seed: int = 0) -> dict:
-    """{'params', 'batch_stats'} of `Unet(backbone)` (nested dicts of float32 numpy arrays)
-    from a segmentation_models Unet file, or from an encoder-only ('notop') file of
-    qubvel/efficientnet or keras.applications, whose decoder is then freshly initialised
-    from `seed`. Raises FileNotFoundError, or ValueError naming the first misfit layer."""
-    return _convert(path, backbone, seed)[0]
-
-
 def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | os.PathLike,
                    seed: int = 0) -> dict:
     """Writes `out/variables` (orbax) and `out/meta.json`; returns the meta.
@@ -189,12 +185,12 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
     `load_converted` refuses the directory), and removed again on failure.
     `normalize_input` in the meta says the file came from a model that normalised its
     input itself (keras.applications): train such weights with
-    `Unet(normalize_input=True)`.
+    `config.normalize_input=True`.
     """
     out = paths.absolute(out)
     if out.exists():
         raise ValueError(f"{out}: already exists; remove it or choose another --out")
-    variables, found = _convert(keras_weights, backbone, seed)
+    variables, found = keras_to_flax(keras_weights, backbone, seed)
     meta = {"backbone": backbone, "source": str(paths.absolute(keras_weights)), **found}
     paths.make_parent(out)
     staging = out if paths.is_remote(out) else paths.path(

@@ -1,11 +1,10 @@
 """Keeps the memory XLA:CPU frees after a step in the process, for the next step.
 
-XLA:CPU allocates a step's temporaries as one buffer (1.4 GB for Unet-b0 at 256 px batch
-8, 14 GB for b5 at 512 px batch 8) with malloc, and frees it when the step ends. glibc
-serves a request that large with a fresh mmap and unmaps it on free, so every step
-page-faults and the kernel zeroes all of it again: on the 2-core machine of BENCHMARKS.md
-that was 0.7 of 2.4 s per b0 step and 14 of 30 s per b5 step. TensorFlow's allocator keeps
-its buffers, which is part of why Keras was ahead there.
+XLA:CPU allocates a step's temporaries as one buffer (gigabytes for the Unet) with
+malloc, and frees it when the step ends. glibc serves a request that large with a fresh
+mmap and unmaps it on free, so every step page-faults and the kernel zeroes all of it
+again, a large share of the step's time (BENCHMARKS.md). TensorFlow's allocator keeps its
+buffers, which is part of why Keras was ahead there.
 
 The cure is glibc's own tuning, set before JAX starts its threads: one malloc arena (a
 thread's private arena would still map large blocks itself), no mmap for large blocks, and
@@ -15,12 +14,13 @@ leftovers cannot pile up. Nothing here changes what is computed.
 
 The price is fragmentation: when a small block lands inside a freed step buffer, the next
 step's buffer no longer fits there and the heap grows by a second one. On a machine where
-a second copy would not fit (b5 at 512 px batch 8 holds 17 GB of 24), that is an out-of-
-memory kill. So after a phase's first step `guard_if_crowded` checks whether the process
-holds a large share of the memory, and if so every later step program (`with_room`, which
-`parallel.data_parallel` applies) first waits for the step before it and runs `make_room`:
-the freed memory is kept only while malloc is bound to serve the next buffer from the top
-of the heap, whose pages are the previous buffer's; otherwise the free pages go back first.
+a second copy would not fit (b5 at 512 px batch 8 on the machine of BENCHMARKS.md), that is
+an out-of-memory kill. So after a phase's first step `guard_if_crowded` checks whether the
+process holds a large share of the memory, and if so every later step program
+(`with_room`, which `parallel.data_parallel` applies) first waits for the step before it
+and runs `make_room`: the freed memory is kept only while malloc is bound to serve the next
+buffer from the top of the heap, whose pages are the previous buffer's; otherwise the free
+pages go back first.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ _GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20),
 CROWDED_FRACTION = 0.45
 
 # How long `make_room` waits for the previous step's buffer to be freed: XLA:CPU frees it
-# on its own thread, up to about 0.13 s after the step's outputs are ready (b5 512 batch 8).
+# on its own thread, a while after the step's outputs are ready.
 ROOM_WAIT_S = 0.5
 
 SWITCH_VARIABLE = "JAXSEG_KEEP_FREED_MEMORY"
@@ -197,12 +197,6 @@ def largest_binned_chunk_bytes() -> int:
                default=0)
 
 
-def top_serves(buffer_bytes: int) -> bool:
-    """Whether malloc will take a buffer of this size from the heap's top: it looks in its
-    bins first (best fit), and a binned chunk may have given its pages back."""
-    return heap_top_bytes() >= buffer_bytes and largest_binned_chunk_bytes() < buffer_bytes
-
-
 def make_room(buffer_bytes: int) -> bool:
     """Before a step that allocates `buffer_bytes` while guarding: keeps the freed memory
     if the step will reuse the top of the heap, else returns the heap's free pages, so the
@@ -228,7 +222,7 @@ def make_room(buffer_bytes: int) -> bool:
     return True
 
 
-def guard_if_crowded(limit_bytes: int | None = None) -> bool:
+def guard_if_crowded() -> bool:
     """When the process holds over CROWDED_FRACTION of the memory, makes every later step
     find room first (`with_room`); where glibc cannot report its heap, restores glibc's
     defaults instead. True when the process is crowded. Call it after a phase's first step
@@ -236,8 +230,7 @@ def guard_if_crowded(limit_bytes: int | None = None) -> bool:
     global _kept, _guarding
     if not _kept or _guarding:
         return False
-    limit = memory_limit_bytes() if limit_bytes is None else limit_bytes
-    if resident_bytes() <= CROWDED_FRACTION * limit:
+    if resident_bytes() <= CROWDED_FRACTION * memory_limit_bytes():
         return False
     if _can_guard():
         _guarding = True
@@ -245,15 +238,11 @@ def guard_if_crowded(limit_bytes: int | None = None) -> bool:
     for option, value in _GLIBC_DEFAULTS:
         _glibc().mallopt(option, value)
     # Trimming before XLA:CPU has freed the step's buffer would leave it resident beside
-    # the next step's fresh mapping: b5 512 batch 8 was killed for memory so on 24 GB.
+    # the next step's fresh mapping, enough for an out-of-memory kill (BENCHMARKS.md).
     time.sleep(ROOM_WAIT_S)
     release_freed_memory()
     _kept = False
     return True
-
-
-def guarding() -> bool:
-    return _guarding
 
 
 def with_room(program: Callable) -> Callable:

@@ -128,13 +128,6 @@ def describe_folds(fold_dirs: list[paths.Path]) -> str:
                      f"{path} (unfinished)" for path in fold_dirs)
 
 
-def build_model(backbone: str, half_precision: bool, normalize_input: bool,
-                impls: dict[str, str] | None = None) -> models.Unet:
-    """`impls`: the run's choices of models.IMPL_FIELDS (how layers are computed)."""
-    return models.Unet(backbone=backbone, dtype=jnp.bfloat16 if half_precision else jnp.float32,
-                       normalize_input=normalize_input, **(impls or {}))
-
-
 def check_variables(model: models.Unet, variables: dict, tile: int, source: str) -> None:
     """A checkpoint of another backbone would fail deep inside XLA; say so up front."""
     expected = jax.eval_shape(functools.partial(model.init, train=False),
@@ -173,10 +166,10 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
     if keras_weights:
         variables, meta = convert.load_converted(keras_weights)
         variables_list, source = [variables], f"Keras weights {keras_weights}"
-        backbone = meta["backbone"]
-        # True only for keras.applications weights, which normalised inside the model.
-        normalize_input = meta.get("normalize_input", False)
-        half_precision = False
+        # normalize_input is true only for keras.applications weights, which normalised
+        # inside the model.
+        config = {**config, "backbone": meta["backbone"], "half_precision": False,
+                  "normalize_input": meta.get("normalize_input", False)}
     else:
         if checkpoint:
             fold_dirs = [paths.path(checkpoint)]
@@ -190,11 +183,7 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         source = describe_folds(fold_dirs)
         if "backbone" not in config:
             raise ValueError(f"{run_dir / 'config.json'}: has no 'backbone' field")
-        backbone = config["backbone"]
-        normalize_input = config.get("normalize_input", False)
-        half_precision = config.get("half_precision", False)
-    model = build_model(backbone, half_precision, normalize_input,
-                        {field: config.get(field, "auto") for field in models.IMPL_FIELDS})
+    model = models.build_model(config)
     tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
     if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:
         raise ValueError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "

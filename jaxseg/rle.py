@@ -17,7 +17,8 @@ import numpy as np
 
 # Pixels processed per block: bounds the temporaries of encode/decode to ~64 MB.
 _BLOCK_PIXELS = 1 << 26
-# A Python loop fills one piece in about the time a cumulative sum takes for ~60 pixels.
+# A Python loop fills one piece in about the time a cumulative sum takes for this many
+# pixels.
 _PIXELS_PER_LOOPED_PIECE = 64
 
 

@@ -121,7 +121,7 @@ class CompiledSteps:
             functools.partial(eval_step, model=model, loss_name=loss_name),
             mesh, num_args=2, batch_args=(1,))
         # One program instead of an eagerly dispatched (and compiled) op per parameter
-        # shape for Adam's zero moments: seconds per process on CPU.
+        # shape for Adam's zero moments, which is slow on CPU.
         self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx))
 
     def train(self, freeze_encoder: bool) -> Callable:

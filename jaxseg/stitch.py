@@ -217,13 +217,6 @@ def predict_rows(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictF
         yield from accumulate(*pending)
 
 
-def predict_image(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictFn,
-                  **options: Any) -> np.ndarray:
-    """The whole (height, width) probability map: for images that fit in memory as float."""
-    return np.concatenate([rows for _, rows in
-                           predict_rows(grid, read_window, predict_fn, **options)])
-
-
 def predict_mask(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictFn,
                  threshold: float = 0.5, **options: Any) -> np.ndarray:
     """Bool (height, width) mask of probability > threshold, built strip by strip."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -22,7 +21,6 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
@@ -39,15 +37,6 @@ HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_c
 # Fields a resumed run may change: extending training, choosing other folds, and how layers
 # are computed (never what they compute; absent from runs made before these fields).
 RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat")
-
-
-def build_model(config: ml_collections.ConfigDict) -> models.Unet:
-    return models.Unet(backbone=config.backbone,
-                       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
-                       bn_axis_name=parallel.AXIS, drop_connect_rate=config.drop_connect_rate,
-                       normalize_input=config.normalize_input,
-                       remat=config.remat,
-                       **{field: config[field] for field in models.IMPL_FIELDS})
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
@@ -70,19 +59,6 @@ def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
 
     processes.decided_by_main(check_meta)
     return convert.load_converted(config.init_from)[0]
-
-
-def initial_variables(model: models.Unet, seed: int, init_weights: dict | None) -> dict:
-    """A fresh model for each fold, as the recipe rebuilds it: the converted weights when
-    given, else random initialisation (parameter shapes do not depend on the input size,
-    so a small input keeps this cheap)."""
-    if init_weights is not None:
-        return init_weights
-    # The counter-based 'unsafe_rbg' generator compiles the initialisers ~3x faster on CPU
-    # than the default threefry; initial weights need no cryptographic-quality bits.
-    init = jax.jit(functools.partial(model.init, train=False))
-    key = jax.random.key(seed, impl="unsafe_rbg")
-    return jax.device_get(init(key, jnp.zeros((1, 32, 32, 3))))
 
 
 def parse_folds(folds: str, num_folds: int) -> list[int]:
@@ -264,10 +240,12 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
         (fold_dir / "train_files.txt").write_text("\n".join(fold_data.train_files) + "\n")
         (fold_dir / "val_files.txt").write_text("\n".join(fold_data.val_files) + "\n")
 
-    # Phase 1: a fresh model, or the state the previous attempt left.
+    # Phase 1: a fresh model (as the recipe rebuilds it for each fold: the converted
+    # weights, else random ones), or the state the previous attempt left.
     fold_seed = config.seed + 1000 * fold
     host_state = jax.device_get(compiled.create_state(
-        initial_variables(model, fold_seed, init_weights), seed=fold_seed))
+        models.init_variables(model, fold_seed) if init_weights is None else init_weights,
+        seed=fold_seed))
     plateau = ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
                                 min_lr=config.min_learning_rate,
                                 min_delta=config.plateau_min_delta)
@@ -424,7 +402,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
                 init_weights: dict | None) -> dict[int, dict]:
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
-    model = build_model(config)
+    model = models.build_model(config, bn_axis_name=parallel.AXIS)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     results = {}
     with processes.PreemptionWatch(mesh) as preemption:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import h5py
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import keras_reference as kr
 from jaxseg.convert import convert_to_dir, keras_to_flax, load_converted, read_keras_weights
-from jaxseg.models import SKIP_FEATURES, TOP_FEATURE, Unet, count_weights
+from jaxseg.models import SKIP_FEATURES, TOP_FEATURE, build_model
+from unet_variables import count_weights
 
 FEATURES = list(SKIP_FEATURES) + [TOP_FEATURE]
 # Keras' Unet(...).count_params(), pinned so that a change on either side shows.
@@ -25,16 +25,17 @@ PROBABILITY_TOLERANCE = 1e-4
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _logits(backbone: str, depthwise_impl: str, dtype: type, variables: dict,
+def _logits(backbone: str, depthwise_impl: str, half_precision: bool, variables: dict,
             images: np.ndarray) -> jax.Array:
-    return Unet(backbone, dtype=dtype, depthwise_impl=depthwise_impl).apply(
-        variables, images, train=False)
+    model = build_model({"backbone": backbone, "depthwise_impl": depthwise_impl,
+                         "half_precision": half_precision})
+    return model.apply(variables, images, train=False)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encoder_features(backbone: str, normalize_input: bool, variables: dict,
                       images: np.ndarray) -> dict:
-    _, state = Unet(backbone, normalize_input=normalize_input).apply(
+    _, state = build_model({"backbone": backbone, "normalize_input": normalize_input}).apply(
         variables, images, train=False,
         capture_intermediates=lambda module, method: module.name == "encoder")
     return state["intermediates"]["encoder"]["__call__"][0]
@@ -76,7 +77,7 @@ def unet_files(keras_unets, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("backbone", list(KERAS_WEIGHT_COUNTS))
 def test_weight_count_matches_keras(keras_unets, unet_files, backbone):
     path = next(case[0] for key, case in unet_files.items() if key[0] == backbone)
-    count = count_weights(keras_to_flax(path, backbone))
+    count = count_weights(keras_to_flax(path, backbone)[0])
     assert count == keras_unets[backbone].count_params() == KERAS_WEIGHT_COUNTS[backbone]
 
 
@@ -87,8 +88,8 @@ def test_weight_count_matches_keras(keras_unets, unet_files, backbone):
 def test_converted_unet_matches_keras(unet_files, backbone, height, width, depthwise_impl):
     path, images, keras_logits, keras_probabilities = unet_files[(backbone, height, width)]
     assert 0.05 < keras_probabilities.std() and keras_logits.std() < 10, "reference saturates"
-    logits = np.asarray(_logits(backbone, depthwise_impl, jnp.float32,
-                                keras_to_flax(path, backbone), images))
+    logits = np.asarray(_logits(backbone, depthwise_impl, False,
+                                keras_to_flax(path, backbone)[0], images))
     assert logits.shape == (2, height, width, 1) and logits.dtype == np.float32
     difference = np.abs(_sigmoid(logits) - keras_probabilities).max()
     print(f"{backbone} {height}x{width} {depthwise_impl}: max |sigmoid diff| {difference:.2e}, "
@@ -101,8 +102,8 @@ def test_bfloat16_compute_stays_close_to_float32(unet_files):
     """Loose bounds: bfloat16 keeps 8 significant bits, and a network with random weights
     amplifies rounding more than a trained one."""
     path, images, _, keras_probabilities = unet_files[("efficientnetb0", 64, 96)]
-    logits = np.asarray(_logits("efficientnetb0", "auto", jnp.bfloat16,
-                                keras_to_flax(path, "efficientnetb0"), images))
+    logits = np.asarray(_logits("efficientnetb0", "auto", True,
+                                keras_to_flax(path, "efficientnetb0")[0], images))
     assert logits.dtype == np.float32
     difference = np.abs(_sigmoid(logits) - keras_probabilities).max()
     print(f"bfloat16: max |sigmoid diff| {difference:.3f}")
@@ -119,8 +120,9 @@ def test_whole_model_file_converts_like_weights_file(keras_unets, unet_files, tm
     model.save(tmp_path / "model.h5")
     with h5py.File(tmp_path / "model.h5") as h5:
         assert "model_weights" in h5
-    jax.tree.map(np.testing.assert_array_equal, keras_to_flax(tmp_path / "model.h5", "efficientnetb0"),
-                 keras_to_flax(path, "efficientnetb0"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 keras_to_flax(tmp_path / "model.h5", "efficientnetb0")[0],
+                 keras_to_flax(path, "efficientnetb0")[0])
 
 
 @pytest.mark.parametrize("source", ["qubvel", "keras.applications"])
@@ -131,7 +133,7 @@ def test_encoder_file_gives_keras_features(source, tmp_path):
     model = build("efficientnetb0", seed=3)
     images = _calibrated_file(model, (64, 96), 3, tmp_path / "notop.h5")
     expected = kr.outputs(model, FEATURES, images)
-    variables = keras_to_flax(tmp_path / "notop.h5", "efficientnetb0", seed=1)
+    variables, _ = keras_to_flax(tmp_path / "notop.h5", "efficientnetb0", seed=1)
     normalize_input = source == "keras.applications"
     features = _encoder_features("efficientnetb0", normalize_input, variables, images)
     for name, keras_feature in zip(FEATURES, expected):
@@ -144,7 +146,7 @@ def test_encoder_file_gives_keras_features(source, tmp_path):
 def test_encoder_file_decoder_follows_seed(tmp_path):
     model = kr.qubvel_encoder("efficientnetb0", seed=4)
     model.save_weights(tmp_path / "notop.h5")
-    first, again, other = (keras_to_flax(tmp_path / "notop.h5", "efficientnetb0", seed=seed)
+    first, again, other = (keras_to_flax(tmp_path / "notop.h5", "efficientnetb0", seed=seed)[0]
                            for seed in (1, 1, 2))
     kernel = ("params", "decoder", "decoder_stage0a_conv", "kernel")
     pick = lambda tree: functools.reduce(lambda node, key: node[key], kernel, tree)  # noqa: E731
@@ -192,7 +194,8 @@ def test_converted_directory_round_trips(unet_files, tmp_path):
     variables, loaded_meta = load_converted(tmp_path / "converted")
     assert loaded_meta == meta == {"backbone": "efficientnetb0", "source": str(path),
                                    "kind": "unet", "normalize_input": False}
-    jax.tree.map(np.testing.assert_array_equal, variables, keras_to_flax(path, "efficientnetb0"))
+    jax.tree.map(np.testing.assert_array_equal, variables,
+                 keras_to_flax(path, "efficientnetb0")[0])
     with pytest.raises(ValueError, match="converted: already exists"):
         convert_to_dir(path, "efficientnetb0", tmp_path / "converted")
     with pytest.raises(FileNotFoundError, match="meta.json"):

@@ -87,13 +87,17 @@ if sys.argv[1] == "no_heap_report":  # a glibc before 2.33 has no mallinfo2
 """ + _HELPERS + """
 round_trip()
 resident = host_memory.resident_bytes()
-roomy = host_memory.guard_if_crowded(limit_bytes=4 * resident)
-crowded = host_memory.guard_if_crowded(limit_bytes=2 * resident)
+
+def guard_if_crowded(limit_bytes):
+    host_memory.memory_limit_bytes = lambda: limit_bytes
+    return host_memory.guard_if_crowded()
+
+roomy = guard_if_crowded(4 * resident)
+crowded = guard_if_crowded(2 * resident)
 after = host_memory.resident_bytes()
 print(json.dumps({"roomy": roomy, "crowded": crowded, "freed_mib": (resident - after) / 2**20,
                   "mapped_mib_after": round_trip(), "kept": host_memory.keeps_freed_memory(),
-                  "guarding": host_memory.guarding(),
-                  "again": host_memory.guard_if_crowded(limit_bytes=1)}))
+                  "guarding": host_memory._guarding, "again": guard_if_crowded(1)}))
 """
 
 
@@ -134,6 +138,12 @@ from jaxseg import host_memory
 host_memory.keep_freed_memory()
 """ + _HELPERS + """
 SIZE = 256 << 20
+def top_serves(buffer_bytes):
+    \"\"\"Whether malloc will take a buffer of this size from the heap's top: it looks in its
+    bins first (best fit), and a binned chunk may have given its pages back.\"\"\"
+    return (host_memory.heap_top_bytes() >= buffer_bytes
+            and host_memory.largest_binned_chunk_bytes() < buffer_bytes)
+
 def touched(size):
     block = libc.malloc(size)
     libc.memset(block, 1, size)
@@ -144,10 +154,10 @@ def case(free_order):
     for name in free_order:
         libc.free(blocks.pop(name))
     before = host_memory.resident_bytes()
-    result = {"top_serves": host_memory.top_serves(SIZE), "trimmed": host_memory.make_room(SIZE),
+    result = {"top_serves": top_serves(SIZE), "trimmed": host_memory.make_room(SIZE),
               "released_mib": (before - host_memory.resident_bytes()) / 2**20}
     libc.free(touched(SIZE))  # the step
-    result["then_top_serves"] = host_memory.top_serves(SIZE)
+    result["then_top_serves"] = top_serves(SIZE)
     for block in blocks.values():
         libc.free(block)
     host_memory.release_freed_memory()

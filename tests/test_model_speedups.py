@@ -22,10 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 from float32_rounding import (ROUNDING_FACTOR, assert_within_rounding, check_against_float64,
                               exact_and_rounding_scale)
-from jaxseg import models, parallel
-from jaxseg.models import (DepthwiseConv, FusedBatchNorm, Unet, UpsampleConcatConv,
-                           pointwise_conv_as_matmul, random_variables, resolve_batchnorm_impl,
-                           resolve_conv_impl, resolve_depthwise_impl, resolve_upsample_impl)
+from jaxseg import parallel
+from jaxseg.models import Unet, build_model, layers
+from jaxseg.models.build import resolve_impl
+from jaxseg.models.efficientnet import DepthwiseConv
+from jaxseg.models.layers import (FoldedUpsampleConcatConv, FusedBatchNorm, ShiftedDepthwiseConv,
+                                  pointwise_conv_as_matmul)
+from jaxseg.models.unet import UpsampleConcatConv
+from unet_variables import random_variables
 
 NATIVE = {"conv_impl": "native", "upsample_impl": "native", "depthwise_impl": "native",
           "batchnorm_impl": "native"}
@@ -91,17 +95,17 @@ def test_pointwise_conv_as_matmul_refuses_other_kernels():
 @pytest.mark.parametrize("skip_channels", [0, 5])
 @pytest.mark.parametrize("height,width", [(3, 5), (4, 4), (1, 2)])
 def test_folded_upsample_conv_matches_upsample_then_conv(skip_channels, height, width,
-                                                         one_conv_min_side, monkeypatch):
-    monkeypatch.setattr(models, "ONE_CONV_MIN_SIDE", one_conv_min_side)
+                                                         one_conv_min_side):
     x = jax.random.normal(jax.random.key(0), (2, height, width, 6))
     skip = (jax.random.normal(jax.random.key(1), (2, 2 * height, 2 * width, skip_channels))
             if skip_channels else None)
-    native, folded = (UpsampleConcatConv(4, impl) for impl in ("native", "folded"))
+    native = UpsampleConcatConv(4)
+    folded = FoldedUpsampleConcatConv(4, one_conv_min_side=one_conv_min_side)
     variables = native.init(jax.random.key(2), x, skip)
     projection = jax.random.normal(jax.random.key(7), (2, 2 * height, 2 * width, 4))
 
     exact, scale = check_against_float64(
-        lambda *args: _values_and_grads(UpsampleConcatConv(4, "native", jnp.float64), *args),
+        lambda *args: _values_and_grads(UpsampleConcatConv(4, jnp.float64), *args),
         {"native": functools.partial(_values_and_grads, native),
          "folded": functools.partial(_values_and_grads, folded)},
         variables, (x, skip), projection)
@@ -116,13 +120,12 @@ def test_folded_upsample_conv_matches_upsample_then_conv(skip_channels, height, 
 @pytest.mark.parametrize("height,width", [(13, 10), (16, 12)])
 def test_shifted_depthwise_equals_native_depthwise(kernel_size, stride, height, width):
     x = jax.random.normal(jax.random.key(1), (2, height, width, 6))
-    native, shifted = (DepthwiseConv(kernel_size, stride, impl) for impl in ("native", "shifted"))
+    native, shifted = DepthwiseConv(kernel_size, stride), ShiftedDepthwiseConv(kernel_size, stride)
     variables = native.init(jax.random.key(2), x)
     projection = jax.random.normal(jax.random.key(3),
                                    (2, -(-height // stride), -(-width // stride), 6))
     check_against_float64(
-        functools.partial(_values_and_grads, DepthwiseConv(kernel_size, stride, "native",
-                                                           jnp.float64)),
+        functools.partial(_values_and_grads, DepthwiseConv(kernel_size, stride, jnp.float64)),
         {name: functools.partial(_values_and_grads, layer)
          for name, layer in (("native", native), ("shifted", shifted))},
         variables, (x,), projection)
@@ -131,16 +134,16 @@ def test_shifted_depthwise_equals_native_depthwise(kernel_size, stride, height, 
 def test_float64_check_fails_a_depthwise_missing_one_window_term(monkeypatch):
     """The bound is float32 rounding, not a tolerance a real bug fits in: the shifted
     depthwise convolution without its last kernel tap (one of nine window terms) fails."""
-    forward = models._shifted_depthwise_forward
-    monkeypatch.setattr(models, "_shifted_depthwise_forward", lambda x, kernel, stride: forward(
+    forward = layers._shifted_depthwise_forward
+    monkeypatch.setattr(layers, "_shifted_depthwise_forward", lambda x, kernel, stride: forward(
         x, kernel.at[-1, -1].set(0), stride))
     x = jax.random.normal(jax.random.key(1), (2, 13, 10, 6))
-    native, broken = (DepthwiseConv(3, 1, impl) for impl in ("native", "shifted"))
+    native, broken = DepthwiseConv(3, 1), ShiftedDepthwiseConv(3, 1)
     variables = native.init(jax.random.key(2), x)
     projection = jax.random.normal(jax.random.key(3), x.shape)
     with pytest.raises(AssertionError, match=r"over 10(\.0)? x its float32 rounding scale"):
         check_against_float64(
-            functools.partial(_values_and_grads, DepthwiseConv(3, 1, "native", jnp.float64)),
+            functools.partial(_values_and_grads, DepthwiseConv(3, 1, jnp.float64)),
             {"broken": functools.partial(_values_and_grads, broken)}, variables, (x,), projection)
 
 
@@ -148,11 +151,11 @@ def test_float64_check_fails_a_depthwise_missing_one_window_term(monkeypatch):
 def test_shifted_depthwise_gradient_in_bfloat16_follows_float32(kernel_size, stride):
     """The hand-written kernel gradient sums bfloat16 products in float32."""
     x = jax.random.normal(jax.random.key(0), (2, 12, 10, 8))
-    native = DepthwiseConv(kernel_size, stride, "native")
+    native = DepthwiseConv(kernel_size, stride)
     variables = native.init(jax.random.key(1), x)
     projection = jax.random.normal(jax.random.key(7), jax.eval_shape(native.apply, variables, x).shape)
     expected = jax.jit(functools.partial(_values_and_grads, native))(variables, (x,), projection)
-    half = DepthwiseConv(kernel_size, stride, "shifted", dtype=jnp.bfloat16)
+    half = ShiftedDepthwiseConv(kernel_size, stride, dtype=jnp.bfloat16)
     _assert_close_in_bfloat16(
         jax.jit(functools.partial(_values_and_grads, half))(variables, (x,), projection),
         expected, 2e-2)
@@ -163,7 +166,7 @@ def test_shifted_depthwise_gradient_sums_over_devices():
     device's gradient, as it does with the native convolution on one device."""
     x = jax.random.normal(jax.random.key(0), (jax.device_count(), 6, 6, 4))
     weights = jax.random.normal(jax.random.key(1), (jax.device_count(), 3, 3, 4))
-    native, shifted = (DepthwiseConv(3, 2, impl) for impl in ("native", "shifted"))
+    native, shifted = DepthwiseConv(3, 2), ShiftedDepthwiseConv(3, 2)
     variables = native.init(jax.random.key(2), x)
 
     def loss(layer, variables, x, weights):
@@ -179,7 +182,7 @@ def test_shifted_depthwise_gradient_sums_over_devices():
     batch = parallel.to_global_batch({"x": np.asarray(x), "weights": np.asarray(weights)}, mesh)
     grads = step(parallel.replicate(variables, mesh), batch["x"], batch["weights"])
     exact, scale = exact_and_rounding_scale(
-        jax.grad(functools.partial(loss, DepthwiseConv(3, 2, "native", jnp.float64))),
+        jax.grad(functools.partial(loss, DepthwiseConv(3, 2, jnp.float64))),
         variables, x, weights)
     assert_within_rounding(jax.device_get(grads), exact, scale, ROUNDING_FACTOR)
 
@@ -318,7 +321,8 @@ def _train_outputs_and_grads(model: Unet, variables: dict, images: jax.Array,
 
 def test_unet_with_every_fast_path_equals_native_unet():
     """Without drop-connect: its random draws differ when float64 is enabled."""
-    native, fast = (Unet("efficientnetb0", drop_connect_rate=0.0, **impl) for impl in (NATIVE, FAST))
+    native, fast = (build_model({"backbone": "efficientnetb0", "drop_connect_rate": 0.0, **impl})
+                    for impl in (NATIVE, FAST))
     shapes = [jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              jnp.zeros((1, 64, 64, 3))) for model in (native, fast)]
     assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
@@ -329,8 +333,7 @@ def test_unet_with_every_fast_path_equals_native_unet():
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
     masks = (rng.random((2, 64, 64, 1)) < 0.3).astype(np.float32)
-    reference = Unet("efficientnetb0", dtype=jnp.float64, drop_connect_rate=0.0, remat=False,
-                     **NATIVE)
+    reference = native.clone(dtype=jnp.float64, remat=False)
     exact, _ = check_against_float64(
         functools.partial(_train_outputs_and_grads, reference),
         {name: functools.partial(_train_outputs_and_grads, model)
@@ -341,14 +344,14 @@ def test_unet_with_every_fast_path_equals_native_unet():
 
 def test_auto_picks_the_fast_paths_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert resolve_conv_impl("auto") == "matmul"
-    assert resolve_upsample_impl("auto") == "folded"
-    assert resolve_depthwise_impl("auto") == "shifted"
-    assert resolve_batchnorm_impl("auto") == "fused"
-    assert resolve_conv_impl("native") == "native"
+    assert resolve_impl("conv_impl", "auto") == "matmul"
+    assert resolve_impl("upsample_impl", "auto") == "folded"
+    assert resolve_impl("depthwise_impl", "auto") == "shifted"
+    assert resolve_impl("batchnorm_impl", "auto") == "fused"
+    assert resolve_impl("conv_impl", "native") == "native"
 
 
 @pytest.mark.parametrize("field", ["conv_impl", "upsample_impl", "batchnorm_impl"])
 def test_unknown_impl_is_refused_with_its_name(field):
     with pytest.raises(ValueError, match=f"{field} 'fast' is not one of auto, native"):
-        Unet("efficientnetb0", **{field: "fast"})
+        build_model({"backbone": "efficientnetb0", field: "fast"})

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseg.models import (BACKBONES, Unet, block_args, count_weights,
-                           random_variables, round_filters, round_repeats)
+from jaxseg.models import BACKBONES, Unet, build_model
+from jaxseg.models.efficientnet import block_args, round_filters, round_repeats
+from unet_variables import count_weights, random_variables
 
 # EfficientNet-B0..B7 stem and top widths and B5's repeats per stage, as the papers'
 # reference code (and qubvel's, and keras.applications') compute them.
@@ -71,7 +72,7 @@ def test_bad_arguments_are_refused_with_their_value():
     with pytest.raises(ValueError, match="'efficientnetb9'.*efficientnetb0, efficientnetb1"):
         Unet("efficientnetb9")
     with pytest.raises(ValueError, match="'fast'"):
-        Unet("efficientnetb0", depthwise_impl="fast")
+        build_model({"backbone": "efficientnetb0", "depthwise_impl": "fast"})
     with pytest.raises(ValueError, match=r"\(64, 32\)"):
         Unet("efficientnetb0", decoder_filters=(64, 32))
     assert BACKBONES == tuple(f"efficientnetb{index}" for index in range(8))
@@ -84,7 +85,7 @@ def test_input_size_not_multiple_of_32_is_refused():
 
 def test_frozen_encoder_keeps_its_statistics(b0_setup):
     variables, images = b0_setup
-    model = Unet("efficientnetb0")
+    model = build_model({"backbone": "efficientnetb0"})
     before = variables["batch_stats"]
     for freeze_encoder in (False, True):
         _, after = _train_forward(model, freeze_encoder, variables, images, jax.random.key(0))
@@ -101,7 +102,7 @@ def test_drop_connect_draws_from_the_dropout_stream(b0_setup, freeze_encoder):
     """Keras keeps dropout active in a frozen (non-trainable) encoder, so does the port
     (its effect is small here: default running statistics leave the encoder unnormalised)."""
     variables, images = b0_setup
-    model = Unet("efficientnetb0")
+    model = build_model({"backbone": "efficientnetb0"})
     first, again, other = (_train_forward(model, freeze_encoder, variables, images,
                                           jax.random.key(seed))[0] for seed in (1, 1, 2))
     np.testing.assert_array_equal(first, again)
@@ -110,5 +111,5 @@ def test_drop_connect_draws_from_the_dropout_stream(b0_setup, freeze_encoder):
 
 def test_bfloat16_compute_keeps_float32_parameters():
     """Compute precision is checked against float32 on converted weights in test_convert."""
-    half_model = Unet("efficientnetb0", dtype=jnp.bfloat16)
+    half_model = build_model({"backbone": "efficientnetb0", "half_precision": True})
     assert {leaf.dtype for leaf in jax.tree.leaves(_shapes(half_model))} == {np.dtype(np.float32)}

@@ -13,6 +13,7 @@ import tifffile
 from PIL import Image
 
 from jaxseg import checkpoints, convert, evaluate, models, predict, rle, slides
+from unet_variables import random_variables
 
 TILE = 64
 REDUCTION = 2
@@ -66,7 +67,7 @@ def fake_run(tmp_path_factory):
     model = models.Unet("efficientnetb0")
     for fold in range(2):
         saver = checkpoints.FoldCheckpoints(run / f"fold_{fold}")
-        variables = models.random_variables(model, seed=fold, random_affine=True)
+        variables = random_variables(model, seed=fold, random_affine=True)
         saver.save_best(0, variables, {"val_dice_coe": 0.5})
         saver.close()
         (run / f"fold_{fold}" / "result.json").write_text(json.dumps({"fold": fold}))

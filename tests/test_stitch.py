@@ -26,6 +26,12 @@ def random_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def predict_image(grid: stitch.WindowGrid, read_window, predict_fn, **options) -> np.ndarray:
+    """The whole (height, width) probability map, which the tests' images fit in memory."""
+    return np.concatenate([rows for _, rows in
+                           stitch.predict_rows(grid, read_window, predict_fn, **options)])
+
+
 def test_window_starts_shift_the_last_window_inwards():
     assert stitch.window_starts(200, 64, 48) == (0, 48, 96, 136)
     assert stitch.window_starts(208, 64, 48) == (0, 48, 96, 144)
@@ -39,7 +45,7 @@ def test_window_starts_shift_the_last_window_inwards():
 def test_identity_model_reproduces_the_image(height, width, blend, overlap):
     image = random_image(height, width)
     grid = stitch.plan_windows(height, width, TILE, overlap)
-    probabilities = stitch.predict_image(grid, image_reader(image), identity, blend=blend,
+    probabilities = predict_image(grid, image_reader(image), identity, blend=blend,
                                          batch_size=3)
     assert probabilities.shape == (height, width)
     np.testing.assert_allclose(probabilities, image[..., 0] / np.float32(255), rtol=1e-6,
@@ -76,7 +82,7 @@ def test_window_borders_are_blended_away():
         return probabilities
 
     grid = stitch.plan_windows(300, 260, TILE, 2 * margin)
-    probabilities = stitch.predict_image(grid, image_reader(image), wrong_at_edges,
+    probabilities = predict_image(grid, image_reader(image), wrong_at_edges,
                                          blend="center")
     expected = image[..., 0] / np.float32(255)
     inner = (slice(margin, -margin), slice(margin, -margin))
@@ -106,9 +112,9 @@ def test_bad_plans_and_models_are_refused():
         stitch.plan_windows(0, 100, TILE, 0)
     grid = stitch.plan_windows(100, 100, TILE, 0)
     with pytest.raises(ValueError, match="blend"):
-        stitch.predict_image(grid, image_reader(random_image(100, 100)), identity, blend="max")
+        predict_image(grid, image_reader(random_image(100, 100)), identity, blend="max")
     with pytest.raises(ValueError, match="returned shape"):
-        stitch.predict_image(grid, image_reader(random_image(100, 100)),
+        predict_image(grid, image_reader(random_image(100, 100)),
                              lambda batch: batch[..., 0, 0])
 
 

@@ -171,8 +171,8 @@ def one_step(model, variables, batch, num_devices):
 def test_eight_devices_equal_one_device():
     """Synchronised BatchNorm plus the device-summed Dice make an 8-way step the same
     computation as the whole global batch on one device."""
-    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS,
-                        drop_connect_rate=0.0)
+    model = models.build_model({"backbone": "efficientnetb0", "drop_connect_rate": 0.0},
+                               bn_axis_name=parallel.AXIS)
     variables = init_variables(model)
     batch = toy_batch(8, 99)
     on_one = one_step(model, variables, batch, 1)
@@ -187,7 +187,7 @@ def test_eight_devices_equal_one_device():
 
 
 def test_loss_falls_on_a_learnable_toy_set():
-    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
+    model = models.build_model({"backbone": "efficientnetb0"}, bn_axis_name=parallel.AXIS)
     step, state, batch = compiled_step(model, init_variables(model), toy_batch(8, 5), 1,
                                        steps.make_optimizer())
     losses = []
@@ -198,7 +198,7 @@ def test_loss_falls_on_a_learnable_toy_set():
 
 
 def test_frozen_encoder_keeps_weights_and_statistics():
-    model = models.Unet(backbone="efficientnetb0", bn_axis_name=parallel.AXIS)
+    model = models.build_model({"backbone": "efficientnetb0"}, bn_axis_name=parallel.AXIS)
     variables = init_variables(model)
     step, state, batch = compiled_step(model, variables, toy_batch(2, 7), 2,
                                        steps.make_optimizer(), freeze_encoder=True)
