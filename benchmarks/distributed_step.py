@@ -27,13 +27,13 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     from configs import cpu as cpu_config
-    from jaxseg import parallel, processes, steps, train
+    from jaxseg import models, parallel, processes, steps, train  # noqa: E402
 
     if args.num_processes > 1:
         processes.join(f"localhost:{args.port}", args.num_processes, args.process_id)
     config = cpu_config.get_config()
     mesh = parallel.make_mesh()
-    model = train.build_model(config)
+    model = models.build_model(config, bn_axis_name=parallel.AXIS)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     variables = train.initial_variables(model, 0, None)
     state = parallel.replicate(jax.device_get(compiled.create_state(variables, seed=0)), mesh)
