@@ -33,6 +33,9 @@ from test_train import SIZE, toy_tiles
 # One fold of two epochs, four steps each: enough for a SIGTERM to land inside an epoch.
 FLAGS = ["--config.folds=0", "--config.steps_per_epoch=4"]
 PROCESSES = 2
+# A hang guard: two processes compiling for four devices each take several minutes on a
+# loaded 2-core machine (process 0 compiles every program, without the persistent cache).
+TIMEOUT_S = 2 * RUN_TIMEOUT_S
 EPOCH_1_DONE = re.compile(r"^fold 0 epoch 1/2 ", re.MULTILINE)
 PREEMPTED = re.compile(r"^preempted at fold 0 epoch 2 step (\d); run the same command to "
                        r"resume$", re.MULTILINE)
@@ -90,13 +93,13 @@ def _wait(started: list[subprocess.Popen], log_prefix: str,
     """Process 0's log once `until(log)` holds, or else once every process ended (well,
     with `succeed`); all are killed if neither happens in time."""
     log_path = Path(f"{log_prefix}.0.log")
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + TIMEOUT_S
     while any(process.poll() is None for process in started):
         if until is not None and until(log_path.read_text()):
             return log_path.read_text()
         if time.monotonic() > deadline:
             _kill(started)
-            raise AssertionError(f"{log_prefix} did not end in {RUN_TIMEOUT_S} s")
+            raise AssertionError(f"{log_prefix} did not end in {TIMEOUT_S} s")
         time.sleep(0.01)
     for index, process in enumerate(started):
         log = Path(f"{log_prefix}.{index}.log").read_text()
