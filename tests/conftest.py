@@ -8,23 +8,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
 
 import jax  # noqa: E402  (after XLA_FLAGS, which jax reads at import)
-import pytest  # noqa: E402
 
 # Identical programs compiled by several tests (or folds) are compiled once per session.
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.environ.get("TMPDIR", "/tmp"), "jaxseg-test-xla-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-
-# Modules that run training commands as subprocesses (two or three at a time) share one
-# pytest-xdist worker, one after the other: together they would crowd the machine's
-# memory. Every other module is a group of its own, so module fixtures run once.
-_TRAINING_RUN_MODULES = {"test_cloud_storage", "test_host_memory", "test_multiprocess",
-                         "test_reliability"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__
-        group = "training_runs" if module in _TRAINING_RUN_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
