@@ -30,24 +30,25 @@ division would give 0 and keep blank glass.
 Memory: slides are read window by window (jaxseg.slides) and masks decoded only per
 window from the parsed RLE runs (jaxseg.rle.RleMask), never as a whole-slide array;
 a worker holds about one full-resolution window. Slides run in parallel across
---workers processes. All inputs are checked before anything is written, tiles are
-written to a hidden staging directory and moved into OUT_DIR only when every slide
-has succeeded, so a failed run leaves no .tfrec or prepare.json behind; a rerun
-replaces the records of the slides it writes, and removes the staging directories
-of killed runs. An OUT_DIR holding records of other slides is refused: training
-would mix the two tilings.
+--workers processes. All inputs are checked before anything is written; one prepare
+at a time holds OUT_DIR (jaxseg.locking). Tiles are written to a hidden staging
+directory and moved into OUT_DIR only when every slide has succeeded, so a failed run
+leaves no .tfrec or prepare.json behind; the same command run again (after a kill, a
+failure or a fix of one bad slide) reuses the slides the staging directory holds
+finished and tiles the rest. A rerun replaces the records of the slides it writes; an
+OUT_DIR holding records of other slides is refused: training would mix the two tilings.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
 import queue
 import re
 import shutil
-import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -57,13 +58,14 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from jaxseg import cli, paths, records, rle
+from jaxseg import cli, locking, paths, records, rle
 from jaxseg.rle import RleMask
 from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_TILE_SIZE, TIFF_SUFFIXES, MaskImage, Slide, \
     downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
 _STAGING_PREFIX = ".prepare-staging-"
+_DONE_SUFFIX = ".done.json"
 _RECORD_NAME = re.compile(r"(?P<slide>.+)-[0-9]+" + re.escape(records.RECORD_SUFFIX))
 PADDING = "zeros, split evenly before and after"
 
@@ -161,6 +163,8 @@ class SlideJob:
     mask: RleMask | paths.Path
     height: int
     width: int
+    # What a resumed run compares before it reuses this slide's staged records.
+    fingerprint: str = ""
 
 
 def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
@@ -178,7 +182,8 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
         height, width = _slide_size(path)
         mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
                                slide_id)
-        jobs.append(SlideJob(slide_id, path, mask, height, width))
+        jobs.append(SlideJob(slide_id, path, mask, height, width, _fingerprint(
+            path, hashlib.sha256(encodings[slide_id].encode()).hexdigest())))
     return jobs
 
 
@@ -194,8 +199,15 @@ def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> l
             raise FileNotFoundError(f"{masks_dir}: no mask for image {path.name}")
         with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
             _check_same_size(str(masks[slide_id]), mask, slide)
-        jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width))
+        jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width,
+                             _fingerprint(path, _fingerprint(masks[slide_id], ""))))
     return jobs
+
+
+def _fingerprint(path: paths.Path, mask: str) -> str:
+    """The image file as it is now (name, size, modification time) and its mask."""
+    stat = path.stat()
+    return f"{path}|{stat.length}|{stat.mtime}|{mask}"
 
 
 def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConfig,
@@ -204,59 +216,92 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
 
     workers <= 0 means one per slide up to the number of usable cores. Tiles are staged
     on a local disk (TensorFlow writes the records), beside OUT_DIR when it is local so
-    that they move in by renaming.
+    that they move in by renaming. The staging folder is named for OUT_DIR and the
+    tiling, and each finished slide leaves a note there: a run that was killed or failed
+    is resumed by the same command, which tiles only the slides not yet done (or whose
+    image or mask changed since).
     """
     out_dir = paths.path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_no_other_slides(out_dir, jobs)
-    workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
-    total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
-                * len(grid_starts(job.width, config.tile_size, config.overlap))
-                for job in jobs)
-    staging = _new_staging_dir(out_dir)
-    try:
-        with tqdm(total=total, desc="tiles", unit="tile") as bar:
-            if workers <= 1:
-                counts = dict(_tile_slide(job, config, staging, bar.update) for job in jobs)
+    with locking.hold(out_dir, "a prepare"):
+        _check_no_other_slides(out_dir, jobs)
+        staging = _staging_dir(out_dir, config)
+        done = _finished_slides(staging, out_dir, jobs)
+        todo = [job for job in jobs if job.slide_id not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(jobs)} slides were tiled by an earlier run "
+                  f"({staging})", file=sys.stderr, flush=True)
+        counts = dict(done)
+        try:
+            counts.update(_tile_all(todo, config, staging, workers))
+            summary = _publish(jobs, counts, out_dir, config, staging)
+        except BaseException:
+            kept = sum(map(bool, _finished_slides(staging, out_dir, jobs).values()))
+            if kept:
+                print(f"note: the records of {kept} slides stay in {staging}: the same "
+                      "command resumes from there", file=sys.stderr, flush=True)
             else:
-                counts = _tile_in_processes(jobs, config, staging, workers, bar)
-        # A slide without tissue would make an empty record file, which training rejects.
-        skipped = [job for job in jobs if not counts[job.slide_id]]
-        if len(skipped) == len(jobs):
-            raise ValueError(f"no tile of any slide passes the background filter "
-                             f"(saturation > {config.saturation_threshold} on more than "
-                             f"{config.min_pixels} pixels): nothing to train on")
-        for job in skipped:
-            print(f"warning: {job.image_path}: no tile passes the background filter; slide "
-                  f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
-        summary = {"tile_size": config.tile_size, "reduction": config.reduction,
-                   "overlap": config.overlap,
-                   "thresholds": {"saturation": config.saturation_threshold,
-                                  "min_pixels": config.min_pixels},
-                   "padding": PADDING,
-                   "slides": {job.slide_id: counts[job.slide_id] for job in jobs
-                              if counts[job.slide_id]},
-                   "skipped_slides": [job.slide_id for job in skipped]}
-        # prepare.json goes first: a run killed while moving records in leaves files that
-        # disagree with it, which training refuses, rather than a folder that looks whole.
-        paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
-        for job in jobs:
-            _replace_records(out_dir, job.slide_id, os.path.join(
-                staging, records.record_name(job.slide_id, counts[job.slide_id]))
-                if counts[job.slide_id] else None)
-    finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
-def _tile_slide(job: SlideJob, config: TilingConfig, out_dir: str,
+def _tile_all(jobs: list[SlideJob], config: TilingConfig, staging: str,
+              workers: int) -> dict[str, int]:
+    if not jobs:
+        return {}
+    workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
+    total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
+                * len(grid_starts(job.width, config.tile_size, config.overlap))
+                for job in jobs)
+    with tqdm(total=total, desc="tiles", unit="tile") as bar:
+        if workers <= 1:
+            return dict(_tile_slide(job, config, staging, bar.update) for job in jobs)
+        return _tile_in_processes(jobs, config, staging, workers, bar)
+
+
+def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
+             config: TilingConfig, staging: str) -> dict:
+    """Writes prepare.json, then moves the staged records into OUT_DIR."""
+    # A slide without tissue would make an empty record file, which training rejects.
+    skipped = [job for job in jobs if not counts[job.slide_id]]
+    if len(skipped) == len(jobs):
+        raise ValueError(f"no tile of any slide passes the background filter "
+                         f"(saturation > {config.saturation_threshold} on more than "
+                         f"{config.min_pixels} pixels): nothing to train on")
+    for job in skipped:
+        print(f"warning: {job.image_path}: no tile passes the background filter; slide "
+              f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
+    summary = {"tile_size": config.tile_size, "reduction": config.reduction,
+               "overlap": config.overlap,
+               "thresholds": {"saturation": config.saturation_threshold,
+                              "min_pixels": config.min_pixels},
+               "padding": PADDING,
+               "slides": {job.slide_id: counts[job.slide_id] for job in jobs
+                          if counts[job.slide_id]},
+               "skipped_slides": [job.slide_id for job in skipped]}
+    # prepare.json goes first: a run killed while moving records in leaves files that
+    # disagree with it, which training refuses, rather than a folder that looks whole;
+    # the same command then finishes the moves from the staging folder.
+    paths.atomic_write(out_dir / PREPARE_JSON, json.dumps(summary, indent=2) + "\n")
+    for job in jobs:
+        _replace_records(out_dir, job.slide_id, os.path.join(
+            staging, records.record_name(job.slide_id, counts[job.slide_id]))
+            if counts[job.slide_id] else None)
+    return summary
+
+
+def _tile_slide(job: SlideJob, config: TilingConfig, staging: str,
                 progress: Callable[[int], None]) -> tuple[str, int]:
     mask_source = (contextlib.nullcontext(job.mask) if isinstance(job.mask, RleMask)
                    else open_mask(job.mask))
     with open_slide(job.image_path) as slide, mask_source as mask:
-        path = records.write_records(out_dir, job.slide_id,
+        path = records.write_records(staging, job.slide_id,
                                      cut_tiles(slide, mask, config, progress))
-    return job.slide_id, 0 if path is None else records.count_from_name(path)
+    count = 0 if path is None else records.count_from_name(path)
+    paths.atomic_write(os.path.join(staging, job.slide_id + _DONE_SUFFIX),
+                       json.dumps({"fingerprint": job.fingerprint, "count": count}))
+    return job.slide_id, count
 
 
 _progress_queue = None
@@ -292,28 +337,41 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
     return counts
 
 
-def _new_staging_dir(out_dir: paths.Path) -> str:
-    """A staging folder named by host and process, so that a later run can tell one a
-    killed run left (kill -9 and SIGTERM skip the cleanup) from one a live run uses,
-    and removes the former."""
+def _staging_dir(out_dir: paths.Path, config: TilingConfig) -> str:
+    """The staging folder of this OUT_DIR and tiling (resumed if an earlier run left
+    it); those of other tilings, which no run can resume now, are removed. Only the
+    holder of OUT_DIR's lock gets here, so no live run uses them."""
+    key = hashlib.sha256(f"{out_dir}|{config}".encode()).hexdigest()[:16]
     parent = tempfile.gettempdir() if paths.is_remote(out_dir) else os.fspath(out_dir)
-    ours = re.compile(re.escape(f"{_STAGING_PREFIX}{socket.gethostname()}-") + r"([0-9]+)-")
-    for name in os.listdir(parent):
-        match = ours.match(name)
-        if match and not _process_alive(int(match[1])):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
-                            dir=parent)
+    ours = os.path.join(parent, _STAGING_PREFIX + key)
+    if not paths.is_remote(out_dir):
+        for name in os.listdir(parent):
+            if name.startswith(_STAGING_PREFIX) and name != os.path.basename(ours):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    os.makedirs(ours, exist_ok=True)
+    return ours
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # another user's process
-        return True
-    return True
+def _finished_slides(staging: str, out_dir: paths.Path, jobs: list[SlideJob]
+                     ) -> dict[str, int]:
+    """{slide id: record count} of the jobs an earlier run finished in `staging`: the
+    note matches the job's inputs, and its records are staged or were already moved
+    into OUT_DIR."""
+    finished = {}
+    for job in jobs:
+        try:
+            with open(os.path.join(staging, job.slide_id + _DONE_SUFFIX)) as file:
+                note = json.load(file)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if note.get("fingerprint") != job.fingerprint:
+            continue
+        count = int(note["count"])
+        name = records.record_name(job.slide_id, count)
+        if (count == 0 or os.path.exists(os.path.join(staging, name))
+                or (out_dir / name).exists()):
+            finished[job.slide_id] = count
+    return finished
 
 
 def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
@@ -342,7 +400,8 @@ def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> 
     for old in out_dir.iterdir():
         if _slide_of_record(old.name) == slide_id and old.name != name:
             old.unlink()
-    if staged is not None:
+    # Not staged any more: a killed run moved it in already.
+    if staged is not None and os.path.exists(staged):
         paths.publish(staged, out_dir / name)
 
 

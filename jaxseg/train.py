@@ -27,8 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, data, host_memory, models, parallel, paths, processes,
-                    reporting, steps)
+from jaxseg import (checkpoints, cli, data, host_memory, locking, models, parallel, paths,
+                    processes, reporting, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 TRAIN_METRICS = ("loss", "dice_coe", "accuracy")
@@ -461,38 +461,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
     init_weights = load_init_weights(config)
     is_main = processes.is_main()
-    try:
-        if is_main:
-            workdir.mkdir(parents=True, exist_ok=True)
-            reporting.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
-            prepare_record = paths.path(config.data_dir) / "prepare.json"
-            if prepare_record.exists():
-                paths.atomic_write(workdir / "prepare.json", prepare_record.read_bytes())
-        processes.report(
-            f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
-            f"({jax.devices()[0].platform}) in {jax.process_count()} process(es), global batch "
-            f"{config.per_device_batch_size * jax.device_count()}")
-        with reporting.compile_log() as compile_seconds:
-            results = train_folds(config, workdir, plans, init_weights)
-    except BaseException:
-        if is_main and not existed and not holds_progress(workdir):
-            with contextlib.suppress(OSError):
-                workdir.rmtree()
-        raise
+    # Process 0 holds the workdir for the run; the others write nothing of their own.
+    with locking.hold(workdir, "a training run") if is_main else contextlib.nullcontext():
+        try:
+            if is_main:
+                reporting.write_json(workdir / "config.json",
+                                     json.loads(config.to_json_best_effort()))
+                prepare_record = paths.path(config.data_dir) / "prepare.json"
+                if prepare_record.exists():
+                    paths.atomic_write(workdir / "prepare.json", prepare_record.read_bytes())
+            processes.report(
+                f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
+                f"({jax.devices()[0].platform}) in {jax.process_count()} process(es), global "
+                f"batch {config.per_device_batch_size * jax.device_count()}")
+            with reporting.compile_log() as compile_seconds:
+                results = train_folds(config, workdir, plans, init_weights)
+        except BaseException:
+            if is_main and not existed and not holds_progress(workdir):
+                with contextlib.suppress(OSError):
+                    workdir.rmtree()
+            raise
 
-    summary = {
-        "folds": {str(fold): {key: value for key, value in result.items()
-                              if key not in ("train_files", "val_files")}
-                  for fold, result in results.items()},
-        "mean_best_val_dice_coe": float(np.mean([r["best_val_dice_coe"]
-                                                 for r in results.values()])),
-        "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
-                                                  for r in results.values()])),
-        "total_time_s": round(time.time() - started, 1),
-        "compile_seconds": summarize_compiles(compile_seconds),
-    }
-    if is_main:
-        reporting.write_json(workdir / "summary.json", summary)
+        summary = {
+            "folds": {str(fold): {key: value for key, value in result.items()
+                                  if key not in ("train_files", "val_files")}
+                      for fold, result in results.items()},
+            "mean_best_val_dice_coe": float(np.mean([r["best_val_dice_coe"]
+                                                     for r in results.values()])),
+            "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
+                                                      for r in results.values()])),
+            "total_time_s": round(time.time() - started, 1),
+            "compile_seconds": summarize_compiles(compile_seconds),
+        }
+        if is_main:
+            reporting.write_json(workdir / "summary.json", summary)
     processes.report(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
           f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
           f"{summary['mean_val_per_image_dice']:.4f}; train step compiled in "

@@ -5,6 +5,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ import tifffile
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image
 
-from jaxseg import data, prepare, rle
+from jaxseg import data, locking, prepare, rle
+
+REPO = Path(__file__).resolve().parents[1]
 
 HEIGHT, WIDTH = 300, 420
 TILE, REDUCTION = 128, 2
@@ -239,22 +243,92 @@ def test_an_output_holding_other_slides_records_is_refused(tmp_path):
     assert record_files(tmp_path / "out") == ["slide01-3.tfrec"]
 
 
-def test_staging_left_by_a_killed_run_is_removed_and_a_live_ones_kept(tmp_path):
-    """kill -9 and SIGTERM skip prepare's cleanup; the next run removes what a dead
-    process on this host left, and leaves a running process's folder alone."""
-    write_competition(tmp_path / "data", {"slide0": make_slide(0)})
+# Tiles the slides of argv[1] into argv[2] and hangs before the second slide, so that
+# the test kills it with one slide finished.
+_HANGING_PREPARE = f"""
+import os, sys, time
+from jaxseg import prepare
+tile_slide = prepare._tile_slide
+def hanging(job, config, staging, progress):
+    if any(name.endswith(prepare._DONE_SUFFIX) for name in os.listdir(staging)):
+        time.sleep(600)
+    return tile_slide(job, config, staging, progress)
+prepare._tile_slide = hanging
+prepare.prepare(prepare.competition_jobs(sys.argv[1]), sys.argv[2],
+                prepare.TilingConfig(tile_size={TILE}, reduction={REDUCTION}), 1)
+"""
+
+
+def assert_same_records(out, reference):
+    assert record_files(out) == record_files(reference)
+    assert (out / "prepare.json").read_text() == (reference / "prepare.json").read_text()
+    for name in record_files(out):
+        if name.endswith(".tfrec"):
+            for a, b in zip(read_records(out / name), read_records(reference / name),
+                            strict=True):
+                np.testing.assert_array_equal(a[0], b[0])
+                np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_a_killed_prepare_resumes_with_the_slides_it_finished(tmp_path, capsys):
+    slides = {f"s{index}": make_slide(index) for index in range(3)}
+    write_competition(tmp_path / "data", slides)
     out = tmp_path / "out"
-    host = socket.gethostname()
-    with subprocess.Popen([sys.executable, "-c", "pass"]) as finished:
-        pass
-    dead = out / f".prepare-staging-{host}-{finished.pid}-abc123"
-    live = out / f".prepare-staging-{host}-{os.getppid()}-def456"
-    for staging in (dead, live):
-        (staging / "slide0.tfrec.partial").parent.mkdir(parents=True)
-        (staging / "slide0.tfrec.partial").write_bytes(b"half")
-    count = run_competition(tmp_path / "data", out)["slides"]["slide0"]
-    assert sorted(path.name for path in out.iterdir()) == [
-        live.name, "prepare.json", f"slide0-{count}.tfrec"]
+    with subprocess.Popen([sys.executable, "-c", _HANGING_PREPARE, str(tmp_path / "data"),
+                           str(out)], cwd=REPO, stderr=subprocess.DEVNULL) as hung:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(f".prepare-staging-*/*{prepare._DONE_SUFFIX}")):
+            assert hung.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        hung.kill()
+    [staging] = out.glob(".prepare-staging-*")
+    (out / ".prepare-staging-of-another-tiling").mkdir()
+    capsys.readouterr()
+    summary = run_competition(tmp_path / "data", out)
+    warning, resuming = capsys.readouterr().err.splitlines()[:2]
+    assert warning == (f"warning: {out}: taking over the lock of process {hung.pid} on host "
+                       f"{socket.gethostname()}: process {hung.pid} is not running")
+    assert resuming == f"resuming: 1 of 3 slides were tiled by an earlier run ({staging})"
+    assert_same_records(out, _clean_run(tmp_path, "data"))
+    assert summary == json.loads((out / "prepare.json").read_text())
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]
+
+
+def _clean_run(tmp_path, data_name):
+    run_competition(tmp_path / data_name, tmp_path / "reference")
+    return tmp_path / "reference"
+
+
+def test_a_resumed_prepare_tiles_again_a_slide_whose_image_changed(tmp_path, monkeypatch,
+                                                                   capsys):
+    write_competition(tmp_path / "data", {"s0": make_slide(0), "s1": make_slide(1)})
+    tile_slide = prepare._tile_slide
+
+    def failing_second(job, *args):
+        if job.slide_id == "s1":
+            raise ValueError("s1: the slide broke")
+        return tile_slide(job, *args)
+
+    monkeypatch.setattr(prepare, "_tile_slide", failing_second)
+    with pytest.raises(ValueError, match="s1: the slide broke"):
+        run_competition(tmp_path / "data", tmp_path / "out")
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "note: the records of 1 slides stay in ")
+    monkeypatch.undo()
+    os.utime(tmp_path / "data" / "train" / "s0.tiff", ns=(0, 0))   # "changed"
+    run_competition(tmp_path / "data", tmp_path / "out")
+    assert "resuming" not in capsys.readouterr().err
+    assert_same_records(tmp_path / "out", _clean_run(tmp_path, "data"))
+
+
+def test_an_output_another_prepare_holds_is_refused(tmp_path):
+    write_competition(tmp_path / "data", {"s0": make_slide(0)})
+    holder = locking.acquire(tmp_path / "out", "a prepare")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'out'}: in use by a prepare "
+                                         f"\\(process {os.getpid()} on host "):
+        run_competition(tmp_path / "data", tmp_path / "out")
+    assert record_files(tmp_path / "out") == [locking.LOCK_NAME]
+    locking.release(tmp_path / "out", holder)
 
 
 def test_a_run_stopped_while_moving_records_in_is_refused_by_training_and_rerun_whole(
@@ -337,7 +411,7 @@ def test_input_errors_are_one_line_and_write_nothing(tmp_path):
     assert_one_line(error, "two files named a (a.jpg, a.png)")
 
 
-def test_failure_mid_run_leaves_no_records(tmp_path):
+def test_failure_mid_run_leaves_no_records_and_the_fixed_rerun_resumes(tmp_path, capsys):
     image, mask = make_slide(0)
     write_competition(tmp_path / "data", {"a_good": (image, mask), "b_bad": (image, mask)})
     bad = tmp_path / "data" / "train" / "b_bad.tiff"
@@ -349,7 +423,12 @@ def test_failure_mid_run_leaves_no_records(tmp_path):
         handle.write(b"\xff" * 16)
     with pytest.raises(ValueError, match="b_bad.tiff: cannot decode TIFF segment"):
         run_competition(tmp_path / "data", tmp_path / "out")
-    assert record_files(tmp_path / "out") == []
+    assert [name for name in record_files(tmp_path / "out") if name[0] != "."] == []
+    tifffile.imwrite(bad, image, tile=(64, 64), photometric="rgb", compression="zlib")
+    capsys.readouterr()
+    run_competition(tmp_path / "data", tmp_path / "out")
+    assert capsys.readouterr().err.startswith("resuming: 1 of 2 slides were tiled")
+    assert_same_records(tmp_path / "out", _clean_run(tmp_path, "data"))
 
 
 def test_worker_processes_write_the_same_records(tmp_path):

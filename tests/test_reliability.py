@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxseg import data, models, records, train
+from jaxseg import data, locking, models, records, train
 from test_train import SIZE, tiny_config, toy_tiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +275,9 @@ def test_rerun_after_kill_ends_exactly_like_an_uninterrupted_run(runs):
 def test_rerun_skips_the_finished_fold_and_resumes_the_next(runs):
     rerun = _finished(runs["killed"])
     assert "fold 0: finished earlier" in rerun.stdout
+    # kill -9 left the workdir's lock behind; its holder is not running.
+    assert re.search(r"^warning: .*/killed/run: taking over the lock of process \d+ on host "
+                     r".*: process \d+ is not running$", rerun.stderr, re.MULTILINE)
     assert "fold 1: resuming after epoch 1" in rerun.stdout
     assert re.findall(r"^fold (\d) epoch (\d)/2", rerun.stdout, re.MULTILINE) == [("1", "2")]
 
@@ -306,6 +310,23 @@ def test_bad_input_is_one_line_exit_1_and_no_workdir(runs, case):
     assert sum(line.startswith("error:") for line in done.stderr.splitlines()) == 1
     assert "Traceback" not in done.stderr
     assert not workdir.exists()
+
+
+def test_a_workdir_in_use_is_refused_naming_its_holder(tmp_path, record_dir):
+    """A second command on a workdir that a live run holds (here this test process)
+    stops at once, before compiling, and touches nothing."""
+    workdir = tmp_path / "run"
+    holder = locking.acquire(workdir, "a training run")
+    done = run_train(record_dir, workdir)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir}: in use by a training run (process {os.getpid()} on host "
+        f"{socket.gethostname()}, since {holder['since']}); wait for it to end or stop it "
+        f"(its lock: {workdir / locking.LOCK_NAME}, which a stopped holder's successor "
+        "takes over by itself)")
+    assert "Traceback" not in done.stderr
+    assert [path.name for path in workdir.iterdir()] == [locking.LOCK_NAME]
+    locking.release(workdir, holder)
 
 
 def test_a_workdir_without_progress_is_taken_over_by_another_config(tmp_path, record_dir):
