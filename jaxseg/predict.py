@@ -60,6 +60,7 @@ class SlideOptions:
     blend: str
     batch_size: int       # windows per call of the predictor
     threshold: float
+    continue_on_nan: bool = False
 
 
 def _read_json(path: paths.Path) -> dict:
@@ -290,18 +291,31 @@ def scaled_reader(slide: slides.Slide, reduction: int) -> stitch.ReadWindow:
 
 def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: SlideOptions,
                   description: str = "") -> np.ndarray:
-    """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction))."""
+    """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction)).
+
+    NaN or infinite probabilities stop with the slide and window named, or, with
+    `options.continue_on_nan`, count as background and the windows are named in one
+    warning line per slide.
+    """
     height, width = model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
+    not_finite: list[str] = []
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
               disable=not processes.is_main()) as bar:
         try:
-            return stitch.predict_mask(grid, scaled_reader(slide, options.reduction),
-                                       predict_fn, options.threshold, blend=options.blend,
-                                       batch_size=options.batch_size, progress=bar.update)
+            mask = stitch.predict_mask(
+                grid, scaled_reader(slide, options.reduction), predict_fn, options.threshold,
+                blend=options.blend, batch_size=options.batch_size, progress=bar.update,
+                on_not_finite=not_finite.append if options.continue_on_nan else None)
         except FloatingPointError as error:
             raise FloatingPointError(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
                                      "scale); stopped") from None
+    if not_finite:
+        print(f"warning: {slide.path}: {len(not_finite)} of {grid.num_windows} windows had "
+              f"NaN or infinite probabilities, counted as background (pixels at "
+              f"1/{options.reduction} scale): {'; '.join(not_finite[:3])}"
+              f"{'; ...' if len(not_finite) > 3 else ''}", file=sys.stderr, flush=True)
+    return mask
 
 
 def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -> str:
@@ -441,6 +455,10 @@ def define_flags() -> None:
     flags.DEFINE_float("threshold", 0.5, "Probability above which a pixel is glomerulus.")
     flags.DEFINE_integer("batch_size", 4, "Windows per device per step (times 4 with "
                          "flip TTA).")
+    flags.DEFINE_bool("continue_on_nan", False, "Go on when a window's predicted "
+                      "probabilities are NaN or infinite: those pixels count as background "
+                      "and the windows are named in a warning per slide (default: stop, "
+                      "naming slide and window).")
     flags.DEFINE_string("overlays", None, "Directory for downscaled PNG overlays of the "
                         "prediction on each image.")
     processes.define_flags()
@@ -469,7 +487,8 @@ def main(argv: list[str]) -> None:
         host_memory.guard_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(config.overlap * ensemble.tile), blend=config.blend,
-                           batch_size=global_batch, threshold=config.threshold)
+                           batch_size=global_batch, threshold=config.threshold,
+                           continue_on_nan=config.continue_on_nan)
     if processes.is_main():
         print(f"{len(images)} images; {len(ensemble.variables)} model(s) from "
               f"{ensemble.source}; {ensemble.tile} px windows at 1/{ensemble.reduction} scale, "

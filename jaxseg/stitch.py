@@ -142,7 +142,9 @@ class _RowAccumulator:
 
 def predict_rows(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictFn, *,
                  blend: str = "center", batch_size: int = 8,
-                 progress: Callable[[int], Any] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                 progress: Callable[[int], Any] | None = None,
+                 on_not_finite: Callable[[str], Any] | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (first_row, probabilities) strips, top to bottom, covering every row once.
 
     `read_window(y0, y1, x0, x1)` returns the (y1 - y0, x1 - x0, 3) pixels at model
@@ -151,6 +153,11 @@ def predict_rows(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictF
     ignored). It may return a not-yet-computed array (a JAX dispatch): the next
     batch is read, in a background thread, before the result is waited for, so
     reading and the accelerator overlap. `progress(n)` is told of each batch done.
+
+    A window with NaN or infinite probabilities raises FloatingPointError naming it
+    (NaN > threshold is False: it would silently become background), unless
+    `on_not_finite` is given: that is told the same description, and those pixels count
+    as probability 0.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -183,11 +190,13 @@ def predict_rows(grid: WindowGrid, read_window: ReadWindow, predict_fn: PredictF
             inside = window_probabilities[:height, :width]
             not_finite = np.count_nonzero(~np.isfinite(inside))
             if not_finite:
-                # NaN > threshold is False: the window would silently become background.
-                raise FloatingPointError(
-                    f"window {index + 1} of {len(windows)} (rows {y}:{y + height}, cols "
-                    f"{x}:{x + width}): {not_finite} of {inside.size} predicted "
-                    "probabilities are NaN or infinite")
+                where = (f"window {index + 1} of {len(windows)} (rows {y}:{y + height}, cols "
+                         f"{x}:{x + width}): {not_finite} of {inside.size} predicted "
+                         "probabilities are NaN or infinite")
+                if on_not_finite is None:
+                    raise FloatingPointError(where)
+                on_not_finite(where)
+                inside = np.where(np.isfinite(inside), inside, 0)
             if col == 0:
                 accumulator.extend_to(y + height)
             weighted = (inside * weights_y[row, :height, None]

@@ -233,6 +233,33 @@ def test_a_nan_prediction_stops_naming_slide_and_window(images):
         predict.predict_slide(slide, lambda batch: np.full(batch.shape[:3], np.nan), options())
 
 
+def test_continue_on_nan_counts_the_windows_as_background_and_names_them(images, capsys):
+    path = images / "slide1.ome.tiff"
+
+    def nan_in_the_top_left_window(batch):
+        probabilities = batch[..., 0] / 255
+        probabilities[0, :4, :4] = np.nan   # the first window of each call
+        return probabilities
+
+    with slides.open_slide(path) as slide:
+        continued = predict.predict_slide(slide, nan_in_the_top_left_window, dataclasses.replace(
+            options(), batch_size=1, continue_on_nan=True))
+        reference = predict.predict_slide(slide, lambda batch: batch[..., 0] / 255,
+                                          dataclasses.replace(options(), batch_size=1))
+    warnings = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning")]
+    assert warnings == [
+        f"warning: {path}: 6 of 6 windows had NaN or infinite probabilities, counted as "
+        "background (pixels at 1/2 scale): window 1 of 6 (rows 0:64, cols 0:64): 16 of 4096 "
+        "predicted probabilities are NaN or infinite; window 2 of 6 (rows 0:64, cols 48:112): "
+        "16 of 4096 predicted probabilities are NaN or infinite; window 3 of 6 (rows 0:64, "
+        "cols 87:151): 16 of 4096 predicted probabilities are NaN or infinite; ..."]
+    assert continued.shape == reference.shape
+    # Only the NaN pixels differ, and only where the reference is foreground.
+    assert not (continued & ~reference).any()
+    assert 0 < np.count_nonzero(reference & ~continued) <= 6 * 16
+
+
 def test_input_errors_name_the_file(fake_run, images, tmp_path):
     with pytest.raises(FileNotFoundError, match="no files match"):
         predict.find_images(str(tmp_path / "*.tiff"))
