@@ -40,6 +40,10 @@ _OVERLAP = flags.DEFINE_float("overlap", 0.25, "window overlap, fraction of the 
 _TTA = flags.DEFINE_enum("tta", "none", ["none", "flips"], "jaxseg.predict's TTA")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per batch (per device "
                                    "for JAX)")
+_PIPELINE_ONLY = flags.DEFINE_bool("pipeline_only", False, "Only jaxseg.predict's whole "
+                                   "pipeline and its peak RSS (no Keras, no model-only "
+                                   "timing, no window held in memory): for slides too big "
+                                   "to compare cheaply")
 _COMPARED_WINDOWS = 16
 
 
@@ -74,7 +78,8 @@ def _windows(slide_path: Path, tile: int, reduction: int, overlap: float
     return windows, time.perf_counter() - start
 
 
-def _keras_stage(settings: dict, results: multiprocessing.Queue) -> None:
+def _keras_model(settings: dict):
+    """The recipe's model with seeded random weights, saved for the JAX stage."""
     import os
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
@@ -85,6 +90,16 @@ def _keras_stage(settings: dict, results: multiprocessing.Queue) -> None:
     tf_keras.utils.set_random_seed(0)
     model = sm.Unet(settings["backbone"], encoder_weights=None, input_shape=(None, None, 3))
     model.save_weights(settings["weights"])
+    return model
+
+
+def _weights_stage(settings: dict, results: multiprocessing.Queue) -> None:
+    _keras_model(settings)
+    results.put({})
+
+
+def _keras_stage(settings: dict, results: multiprocessing.Queue) -> None:
+    model = _keras_model(settings)
     windows, read_seconds = _windows(settings["slide"], settings["tile"],
                                      settings["reduction"], settings["overlap"])
     batch = settings["batch_size"]
@@ -103,7 +118,7 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.predict` does
     import jax
 
-    from jaxseg import convert, predict
+    from jaxseg import convert, predict, stitch
 
     converted = Path(settings["converted"])
     shutil.rmtree(converted, ignore_errors=True)  # the Keras stage wrote new weights
@@ -127,6 +142,17 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
                            settings["submission"])
     pipeline_seconds = time.perf_counter() - start
     pipeline_rss = _peak_rss_mib()
+    summary = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
+               "compile_seconds": compile_seconds, "keeps_freed_memory": keeps_freed_memory,
+               "pipeline_seconds": pipeline_seconds, "rss_after_compile_mib": rss_before,
+               "pipeline_peak_rss_mib": pipeline_rss,
+               "windows": stitch.plan_windows(
+                   *predict.model_scale_shape(*_slide_shape(settings["slide"]),
+                                              ensemble.reduction),
+                   ensemble.tile, options.overlap).num_windows}
+    if settings["pipeline_only"]:
+        results.put(summary)
+        return
 
     windows, _ = _windows(settings["slide"], settings["tile"], settings["reduction"],
                           settings["overlap"])
@@ -138,13 +164,16 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     ours = np.concatenate([np.asarray(output) for output in outputs])[:len(windows)]
     ours = ours[:_COMPARED_WINDOWS]
     theirs = np.load(settings["keras_probabilities"])
-    results.put({"windows": len(windows), "devices": jax.device_count(),
-                 "platform": jax.devices()[0].platform, "compile_seconds": compile_seconds,
-                 "keeps_freed_memory": keeps_freed_memory,
-                 "pipeline_seconds": pipeline_seconds, "model_seconds": model_seconds,
-                 "rss_after_compile_mib": rss_before, "pipeline_peak_rss_mib": pipeline_rss,
+    results.put({**summary, "model_seconds": model_seconds,
                  "max_probability_difference": float(np.abs(ours - theirs).max()),
                  "mask_agreement": float(np.mean((ours > 0.5) == (theirs > 0.5)))})
+
+
+def _slide_shape(path: str) -> tuple[int, int]:
+    from jaxseg import slides
+
+    with slides.open_slide(path) as slide:
+        return slide.height, slide.width
 
 
 def _run(stage, settings: dict) -> dict:
@@ -177,7 +206,19 @@ def main(argv: list[str]) -> None:
                 "weights": str(work_dir / f"keras-{_BACKBONE.value}.h5"),
                 "converted": str(work_dir / f"converted-{_BACKBONE.value}"),
                 "keras_probabilities": str(work_dir / f"keras-{tag}.npy"),
-                "submission": str(work_dir / f"submission-{tag}.csv")}
+                "submission": str(work_dir / f"submission-{tag}.csv"),
+                "pipeline_only": _PIPELINE_ONLY.value}
+    if _PIPELINE_ONLY.value:
+        _run(_weights_stage, settings)
+        ours = _run(_jax_stage, settings)
+        print(f"slide {slide} at 1/{_REDUCTION.value}: {ours['windows']} windows of "
+              f"{_TILE.value} px (overlap {_OVERLAP.value}), Unet-{_BACKBONE.value}, batch "
+              f"{_BATCH_SIZE.value}, TTA {_TTA.value}; freed memory kept: "
+              f"{ours['keeps_freed_memory']}")
+        print(f"  jaxseg.predict whole pipeline: {ours['pipeline_seconds']:.0f} s; peak RSS "
+              f"{ours['pipeline_peak_rss_mib']:.0f} MiB ({ours['rss_after_compile_mib']:.0f} "
+              "MiB after imports + compile)")
+        return
     keras = _run(_keras_stage, settings)
     ours = _run(_jax_stage, settings)
     views = 4 if _TTA.value == "flips" else 1

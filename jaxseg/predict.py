@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, convert, host_memory, models, parallel, paths, processes,
-                    slides, stitch)
+from jaxseg import (checkpoints, compile_cache, convert, host_memory, models, parallel,
+                    paths, processes, slides, stitch)
 
 TTA_MODES = ("none", "flips")
 # The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
@@ -462,6 +462,7 @@ def define_flags() -> None:
     flags.DEFINE_string("overlays", None, "Directory for downscaled PNG overlays of the "
                         "prediction on each image.")
     processes.define_flags()
+    compile_cache.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -471,6 +472,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
     processes.join_from_flags()
+    compile_cache.enable_from_flags()
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")

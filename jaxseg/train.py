@@ -27,8 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, data, host_memory, locking, models, parallel, paths,
-                    processes, reporting, steps)
+from jaxseg import (checkpoints, cli, compile_cache, data, host_memory, locking, models,
+                    parallel, paths, processes, reporting, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 TRAIN_METRICS = ("loss", "dice_coe", "accuracy")
@@ -430,10 +430,11 @@ STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)")
 def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, list[float]]:
     """Each step program's compilations (one each for a whole run of folds, two for the
     train step when the encoder is frozen for some epochs), and all other small programs
-    together."""
-    summary = {name: compile_seconds[name] for name in STEP_PROGRAMS if name in compile_seconds}
+    together; and the programs read back from the compilation cache."""
+    named = (*STEP_PROGRAMS, reporting.CACHE_RETRIEVALS)
+    summary = {name: compile_seconds[name] for name in named if name in compile_seconds}
     summary["other"] = [round(sum(sum(seconds) for name, seconds in compile_seconds.items()
-                                  if name not in STEP_PROGRAMS), 2)]
+                                  if name not in named), 2)]
     return summary
 
 
@@ -495,11 +496,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         }
         if is_main:
             reporting.write_json(workdir / "summary.json", summary)
+    compiles = summary["compile_seconds"]
+    cached = compiles.get(reporting.CACHE_RETRIEVALS, [])
     processes.report(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
           f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
-          f"{summary['mean_val_per_image_dice']:.4f}; train step compiled in "
-          f"{sum(summary['compile_seconds'].get('jit(train_step)', [0])):.0f}s "
-          f"-> {workdir / 'summary.json'}")
+          f"{summary['mean_val_per_image_dice']:.4f}; train step ready in "
+          f"{sum(compiles.get('jit(train_step)', [0])):.0f}s"
+          + (f" ({len(cached)} programs read from the compilation cache)" if cached else "")
+          + f" -> {workdir / 'summary.json'}")
     return summary
 
 
@@ -507,6 +511,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
 processes.define_flags()
+compile_cache.define_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -514,6 +519,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
     processes.join_from_flags()
+    compile_cache.enable_from_flags()
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise ValueError("both --config=FILE and --workdir=DIR are required")
     try:

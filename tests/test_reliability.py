@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxseg import data, locking, models, records, train
+from jaxseg import data, locking, models, records, reporting, train
 from test_train import SIZE, tiny_config, toy_tiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,6 +280,9 @@ def test_rerun_skips_the_finished_fold_and_resumes_the_next(runs):
                      r".*: process \d+ is not running$", rerun.stderr, re.MULTILINE)
     assert "fold 1: resuming after epoch 1" in rerun.stdout
     assert re.findall(r"^fold (\d) epoch (\d)/2", rerun.stdout, re.MULTILINE) == [("1", "2")]
+    # The killed attempt's step programs are read back, not compiled again.
+    summary = json.loads((runs["workdirs"] / "killed" / "run" / "summary.json").read_text())
+    assert summary["compile_seconds"][reporting.CACHE_RETRIEVALS]
 
 
 def test_half_written_checkpoints_are_cleared_on_resume(runs):
