@@ -2,12 +2,13 @@
 
 Every process runs the same program; files are only trusted on process 0, which may be
 the only host that sees them without a shared file system. So process 0 decides from
-files and broadcasts the outcome, prints progress and writes the run's files, while
-orbax keeps its own multi-host protocol for checkpoints.
+files and shares the outcome, prints progress and writes the run's files, while orbax
+keeps its own multi-host protocol for checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxseg import cli
@@ -40,9 +40,15 @@ _FAILURES = "jaxseg/failed/"
 _ACKNOWLEDGED = "jaxseg/failure_seen"
 FAILURE_POLL_S = 0.5
 FAILURE_GRACE_S = 2.0
-# Broadcast payloads are padded to a multiple of this, so that a handful of programs
-# serve every decision instead of one compilation per payload length.
-_PAYLOAD_QUANTUM = 4096
+# Decisions and gathered values travel through the coordination service's key-value
+# store, not through device collectives: gloo gives a process 30 s to join a new
+# collective, and the process that decides (lists a bucket, takes a lock) or that
+# predicts the larger share of the slides keeps the others waiting far longer. A process
+# that fails stops the others long before they give up waiting (`stop_every_process`).
+_SHARED = "jaxseg/shared/"
+_SHARE_WAIT_MS = 24 * 3600 * 1000
+_SHARE_PART_CHARS = 1 << 20  # well under gRPC's default message limit of 4 MiB
+_share_count = itertools.count()
 
 
 _JOIN_FLAGS = ("coordinator_address", "num_processes", "process_id")
@@ -194,6 +200,7 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
     """
     if jax.process_count() == 1:
         return decide()
+    key = _next_share_key()
     outcome = None
     if is_main():
         try:
@@ -201,7 +208,9 @@ def decided_by_main(decide: Callable[[], Any]) -> Any:
         except cli.USER_ERRORS as error:
             outcome = {"error": type(error).__name__,
                        "message": " ".join(cli.message_lines(error))}
-    outcome = json.loads(_broadcast_bytes(json.dumps(outcome).encode() if is_main() else b""))
+        _share(key, json.dumps(outcome))
+    else:
+        outcome = json.loads(_shared(key))
     if "error" in outcome:
         error_type = {kind.__name__: kind for kind in cli.USER_ERRORS}[outcome["error"]]
         raise error_type(outcome["message"])
@@ -212,20 +221,31 @@ def gathered(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in process order, on every process."""
     if jax.process_count() == 1:
         return [value]
-    payload = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.int64(len(payload)))
-    padded = np.zeros(-(-int(lengths.max()) // _PAYLOAD_QUANTUM) * _PAYLOAD_QUANTUM, np.uint8)
-    padded[:len(payload)] = payload
-    payloads = multihost_utils.process_allgather(padded)
-    return [json.loads(row[:length].tobytes()) for row, length in zip(payloads, lengths)]
+    key = _next_share_key()
+    _share(f"{key}/{jax.process_index()}", json.dumps(value))
+    return [json.loads(_shared(f"{key}/{index}")) for index in range(jax.process_count())]
 
 
-def _broadcast_bytes(payload: bytes) -> bytes:
-    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
-    padded = np.zeros(-(-length // _PAYLOAD_QUANTUM) * _PAYLOAD_QUANTUM, np.int32)
-    padded[:len(payload)] = np.frombuffer(payload, np.uint8)
-    return np.asarray(multihost_utils.broadcast_one_to_all(padded))[:length].astype(
-        np.uint8).tobytes()
+def _next_share_key() -> str:
+    """Every process makes the same calls in the same order, so the n-th call of each
+    names the same value."""
+    return f"{_SHARED}{next(_share_count)}"
+
+
+def _share(key: str, text: str) -> None:
+    client = _distributed_client()
+    parts = [text[start:start + _SHARE_PART_CHARS]
+             for start in range(0, len(text), _SHARE_PART_CHARS)] or [""]
+    for index, part in enumerate(parts):
+        client.key_value_set(f"{key}/{index}", part)
+    client.key_value_set(f"{key}/parts", str(len(parts)))  # last: then every part is there
+
+
+def _shared(key: str) -> str:
+    client = _distributed_client()
+    count = int(client.blocking_key_value_get(f"{key}/parts", _SHARE_WAIT_MS))
+    return "".join(client.blocking_key_value_get(f"{key}/{index}", _SHARE_WAIT_MS)
+                   for index in range(count))
 
 
 class PreemptionWatch:
