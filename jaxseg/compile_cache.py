@@ -33,7 +33,9 @@ def define_flags() -> None:
 
 def enable(directory: str | None) -> str | None:
     """Points JAX's persistent cache at `directory` (None: the default); returns the
-    folder in use, None when off. Call before the first compilation."""
+    folder in use, None when off. Call before the first compilation and before
+    `processes.join`, which turns the cache off for CPU processes (they must compile
+    each program together; see there)."""
     import jax
 
     if directory == OFF:

@@ -56,8 +56,18 @@ def data_parallel(per_device_fn: Callable, mesh: Mesh, num_args: int,
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places a host pytree on every device (the train state before the first step)."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """Places a host pytree, the same on every process (one seed, one checkpoint), on
+    every device: the train state before the first step.
+
+    Each process fills its own devices. `jax.device_put` would first check, in a
+    collective, that every process holds the same values: an all-gather of the whole
+    model, which gloo abandons when one process comes more than 30 s after another.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda leaf: jax.make_array_from_callback(np.shape(leaf), sharding,
+                                                  lambda index: np.asarray(leaf)[index]),
+        tree)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

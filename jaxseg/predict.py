@@ -471,8 +471,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
+    compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
-    compile_cache.enable_from_flags()
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
         raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")

@@ -102,6 +102,12 @@ def join(coordinator_address: str | None, num_processes: int | None,
         # that found its program there would wait for another still compiling).
         jax.config.update("jax_enable_compilation_cache", False)
         jax.config.update("jax_share_binary_between_hosts", True)
+    # orbax's barriers (creating a checkpoint folder, committing a save) wait in the
+    # coordination service, as ours do, rather than in a collective that a process
+    # still compiling its own initialisation misses (gloo's 30 s, above).
+    import orbax.checkpoint  # noqa: F401  defines the flag
+
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     if jax.process_count() > 1:
         threading.Thread(target=_stop_when_another_fails, name="jaxseg-failure-watch",
                          daemon=True).start()

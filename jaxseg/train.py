@@ -518,8 +518,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
+    compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
-    compile_cache.enable_from_flags()
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise ValueError("both --config=FILE and --workdir=DIR are required")
     try:
