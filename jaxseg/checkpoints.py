@@ -28,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager
 
-from jaxseg import paths
+from jaxseg import cli, paths
 
 BEST_METRIC = "val_dice_coe"
 # Written by jaxseg.train as a fold's last file, once its training has ended.
@@ -159,10 +159,10 @@ def load_best_variables(fold_dir: str | os.PathLike) -> dict:
     """
     best_dir = paths.absolute(fold_dir) / "best"
     if not best_dir.is_dir():
-        raise FileNotFoundError(f"{fold_dir}: no best checkpoint (expected {best_dir})")
+        raise cli.MissingInput(f"{fold_dir}: no best checkpoint (expected {best_dir})")
     saved_steps = ocp.utils.checkpoint_steps(best_dir)
     if not saved_steps:
-        raise FileNotFoundError(f"{best_dir}: holds no finished checkpoint")
+        raise cli.MissingInput(f"{best_dir}: holds no finished checkpoint")
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(
             best_dir / str(max(saved_steps)) / checkpoint_manager.DEFAULT_ITEM_NAME)

@@ -6,8 +6,24 @@ import sys
 from typing import Callable, NoReturn
 
 TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
-               FloatingPointError)
+
+
+class InputError(ValueError):
+    """Bad input the user can correct (a flag, a config field, a file's content), with a
+    message that names it. A plain ValueError is a bug of ours and keeps its traceback."""
+
+
+class MissingInput(FileNotFoundError):
+    """A file or folder the user named, or one a named folder must hold, does not exist."""
+
+
+class Diverged(FloatingPointError):
+    """The model's numbers stopped being finite (a learning rate too high, bad weights):
+    the run stops, naming where."""
+
+
+# What a command reports as one line; `processes.decided_by_main` re-raises these by name.
+USER_ERRORS = (InputError, MissingInput, Diverged)
 _failure_handlers: list[Callable[[str, BaseException | None], None]] = []
 
 
@@ -75,12 +91,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-def run_main(main: Callable[[list[str]], None]) -> None:
-    """Runs an absl main; a bad input becomes one line on stderr and exit status 1.
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a command's `main` after absl has parsed its flags (defined beforehand);
+    arguments that are not flags are refused, and a USER_ERRORS error becomes one line
+    on stderr and exit status 1.
 
-    The modules raise ValueError/FileNotFoundError with a message that names the file or
-    field; a traceback would bury that line, so it is printed alone. An internal error of
-    the same type would print alone too: JAXSEG_TRACEBACK=1 shows the traceback.
+    The message names the file or field; a traceback would bury that line, so it is
+    printed alone (JAXSEG_TRACEBACK=1 shows it for a bug report). Any other error is a
+    bug of ours and keeps its traceback.
     """
     from absl import app, logging
 
@@ -91,7 +109,9 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         logging.set_verbosity(logging.WARNING)
         paths.setup_emulator_env()
         try:
-            main(argv)
+            if len(argv) > 1:
+                raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
+            main()
         except USER_ERRORS as error:
             if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
                 raise

@@ -23,6 +23,8 @@ from typing import IO, Iterator
 
 from etils import epath
 
+from jaxseg import cli
+
 # Read by epath when it first picks a backend, so it is set before any path is used.
 os.environ["EPATH_USE_TF"] = "false"
 
@@ -57,7 +59,7 @@ def glob(pattern: str) -> list[epath.Path]:
     if not wild:
         return [path(pattern)] if path(pattern).exists() else []
     if wild[0] < 3:
-        raise ValueError(f"{pattern}: wildcards are taken after the bucket name, not in it")
+        raise cli.InputError(f"{pattern}: wildcards are taken after the bucket name, not in it")
     root = path("/".join(parts[:wild[0]]))
     return sorted(root.glob("/".join(parts[wild[0]:])))
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, compile_cache, convert, host_memory, models, parallel,
+from jaxseg import (checkpoints, cli, compile_cache, convert, host_memory, models, parallel,
                     paths, processes, slides, stitch)
 
 TTA_MODES = ("none", "flips")
@@ -73,8 +73,8 @@ def _read_json(path: paths.Path) -> dict:
 def read_run_config(run_dir: paths.Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.json (not a jaxseg.train run "
-                                "directory)")
+        raise cli.MissingInput(f"{run_dir}: no config.json (not a jaxseg.train run "
+                               "directory)")
     return _read_json(path)
 
 
@@ -93,7 +93,7 @@ def run_reduction(run_dir: paths.Path | None) -> int | None:
         return None
     record = _read_json(run_dir / "prepare.json")
     if "reduction" not in record:
-        raise ValueError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
+        raise cli.InputError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
     return int(record["reduction"])
 
 
@@ -107,16 +107,16 @@ def find_fold_dirs(run_dir: paths.Path, allow_unfinished: bool = False) -> list[
     folds = {int(path.name.removeprefix("fold_")): path for path in run_dir.glob("fold_*")
              if path.name.removeprefix("fold_").isdigit() and (path / "best").is_dir()}
     if not folds:
-        raise FileNotFoundError(f"{run_dir}: no fold_K/best checkpoints")
+        raise cli.MissingInput(f"{run_dir}: no fold_K/best checkpoints")
     fold_dirs = [folds[fold] for fold in sorted(folds)]
     unfinished = [path for path in fold_dirs if not checkpoints.fold_finished(path)]
     if not unfinished or allow_unfinished:
         return fold_dirs
     names = ", ".join(path.name for path in unfinished)
     if len(unfinished) == len(fold_dirs):
-        raise ValueError(f"{run_dir}: no fold has finished training ({names} have no "
-                         f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds predicts "
-                         "from their best checkpoints so far")
+        raise cli.InputError(f"{run_dir}: no fold has finished training ({names} have no "
+                             f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds predicts "
+                             "from their best checkpoints so far")
     print(f"warning: leaving out {names} of {run_dir}: training unfinished (no "
           f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds includes them",
           file=sys.stderr, flush=True)
@@ -134,8 +134,8 @@ def check_variables(model: models.Unet, variables: dict, tile: int, source: str)
     expected = jax.eval_shape(functools.partial(model.init, train=False),
                               jax.random.PRNGKey(0), jnp.zeros((1, tile, tile, 3)))
     if _leaf_shapes(variables) != _leaf_shapes(expected):
-        raise ValueError(f"{source}: variables do not fit a Unet-{model.backbone} "
-                         "(another backbone or model?)")
+        raise cli.InputError(f"{source}: variables do not fit a Unet-{model.backbone} "
+                             "(another backbone or model?)")
 
 
 def _leaf_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
@@ -156,13 +156,13 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
     seed's 512 px tiles at 4x reduction are assumed.
     """
     if checkpoint and keras_weights:
-        raise ValueError("give --checkpoint or --keras_weights, not both")
+        raise cli.InputError("give --checkpoint or --keras_weights, not both")
     run_dir = (paths.path(workdir) if workdir else
                paths.path(checkpoint).parent if checkpoint else None)
     if run_dir is None and not keras_weights:
-        raise ValueError("give --workdir (a training run), --checkpoint or --keras_weights")
+        raise cli.InputError("give --workdir (a training run), --checkpoint or --keras_weights")
     if run_dir is not None and not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
+        raise cli.MissingInput(f"{run_dir}: no such run directory")
     config = read_run_config(run_dir) if run_dir is not None else {}
     if keras_weights:
         variables, meta = convert.load_converted(keras_weights)
@@ -175,24 +175,24 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         if checkpoint:
             fold_dirs = [paths.path(checkpoint)]
             if not (allow_unfinished_folds or checkpoints.fold_finished(checkpoint)):
-                raise ValueError(f"--checkpoint {checkpoint}: training of this fold has not "
-                                 f"finished (no {checkpoints.FOLD_RESULT}); "
-                                 "--allow_unfinished_folds predicts from its best so far")
+                raise cli.InputError(f"--checkpoint {checkpoint}: training of this fold has not "
+                                     f"finished (no {checkpoints.FOLD_RESULT}); "
+                                     "--allow_unfinished_folds predicts from its best so far")
         else:
             fold_dirs = find_fold_dirs(run_dir, allow_unfinished_folds)
         variables_list = [checkpoints.load_best_variables(path) for path in fold_dirs]
         source = describe_folds(fold_dirs)
         if "backbone" not in config:
-            raise ValueError(f"{run_dir / 'config.json'}: has no 'backbone' field")
+            raise cli.InputError(f"{run_dir / 'config.json'}: has no 'backbone' field")
     model = models.build_model(config)
     tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
     if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:
-        raise ValueError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "
-                         f"got {tile}")
+        raise cli.InputError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "
+                             f"got {tile}")
     if reduction is None:
         reduction = run_reduction(run_dir) or SEED_REDUCTION
     if reduction < 1:
-        raise ValueError(f"--reduction must be >= 1, got {reduction}")
+        raise cli.InputError(f"--reduction must be >= 1, got {reduction}")
     for variables in variables_list:
         check_variables(model, variables, tile, source)
     return Ensemble(model, variables_list, tile, reduction, source)
@@ -240,7 +240,7 @@ def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
     windows while the devices work.
     """
     if per_device_batch < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {per_device_batch}")
+        raise cli.InputError(f"--batch_size must be >= 1, got {per_device_batch}")
     if tta not in TTA_MODES:
         raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
     mesh = parallel.make_mesh(jax.local_devices())
@@ -308,8 +308,8 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
                 blend=options.blend, batch_size=options.batch_size, progress=bar.update,
                 on_not_finite=not_finite.append if options.continue_on_nan else None)
         except FloatingPointError as error:
-            raise FloatingPointError(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
-                                     "scale); stopped") from None
+            raise cli.Diverged(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
+                               "scale); stopped") from None
     if not_finite:
         print(f"warning: {slide.path}: {len(not_finite)} of {grid.num_windows} windows had "
               f"NaN or infinite probabilities, counted as background (pixels at "
@@ -378,12 +378,12 @@ def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int,
 def find_images(pattern: str) -> list[paths.Path]:
     found = paths.glob(pattern)
     if not found:
-        raise FileNotFoundError(f"--images {pattern!r}: no files match")
+        raise cli.MissingInput(f"--images {pattern!r}: no files match")
     ids = [slides.image_id(path) for path in found]
     duplicates = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
     if duplicates:
-        raise ValueError(f"--images {pattern!r}: several files share the id "
-                         f"{duplicates[0]!r} (ids are file names without extension)")
+        raise cli.InputError(f"--images {pattern!r}: several files share the id "
+                             f"{duplicates[0]!r} (ids are file names without extension)")
     return found
 
 
@@ -465,17 +465,15 @@ def define_flags() -> None:
     compile_cache.define_flags()
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
     config = flags.FLAGS
     if not 0 <= config.overlap < 1:
-        raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
+        raise cli.InputError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
     images = find_images(config.images)
     check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,

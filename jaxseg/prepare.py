@@ -80,13 +80,13 @@ class TilingConfig:
 
     def __post_init__(self):
         if self.tile_size < 1 or self.reduction < 1:
-            raise ValueError("tile_size and reduction must be positive")
+            raise cli.InputError("tile_size and reduction must be positive")
         if self.tile_size % self.reduction:
-            raise ValueError(f"tile_size {self.tile_size} is not divisible by reduction "
-                             f"{self.reduction}")
+            raise cli.InputError(f"tile_size {self.tile_size} is not divisible by reduction "
+                                 f"{self.reduction}")
         if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap {self.overlap} must be >= 0 and below tile_size "
-                             f"{self.tile_size}")
+            raise cli.InputError(f"overlap {self.overlap} must be >= 0 and below tile_size "
+                                 f"{self.tile_size}")
         if self.min_pixels is None:
             object.__setattr__(self, "min_pixels",
                                default_min_pixels(self.tile_size // self.reduction))
@@ -102,7 +102,7 @@ def overlap_pixels(overlap: float, tile_size: int) -> int:
     if 0 < overlap < 1:
         return round(overlap * tile_size)
     if overlap != int(overlap):
-        raise ValueError(f"overlap {overlap} must be a fraction below 1 or whole pixels")
+        raise cli.InputError(f"overlap {overlap} must be a fraction below 1 or whole pixels")
     return int(overlap)
 
 
@@ -173,12 +173,13 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
     data_dir = paths.path(data_dir)
     slide_paths = _images_by_id(data_dir / "train", TIFF_SUFFIXES)
     if not slide_paths:
-        raise FileNotFoundError(f"{data_dir / 'train'}: no .tiff slides found")
+        raise cli.MissingInput(f"{data_dir / 'train'}: no .tiff slides found")
     encodings = _read_encodings(data_dir / "train.csv")
     jobs = []
     for slide_id, path in slide_paths.items():
         if slide_id not in encodings:
-            raise ValueError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} ({path})")
+            raise cli.InputError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} "
+                                 f"({path})")
         height, width = _slide_size(path)
         mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
                                slide_id)
@@ -192,11 +193,11 @@ def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> l
     images = _images_by_id(paths.path(images_dir), IMAGE_SUFFIXES)
     masks = _images_by_id(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+        raise cli.MissingInput(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     jobs = []
     for slide_id, path in images.items():
         if slide_id not in masks:
-            raise FileNotFoundError(f"{masks_dir}: no mask for image {path.name}")
+            raise cli.MissingInput(f"{masks_dir}: no mask for image {path.name}")
         with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
             _check_same_size(str(masks[slide_id]), mask, slide)
         jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width,
@@ -266,9 +267,9 @@ def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
     # A slide without tissue would make an empty record file, which training rejects.
     skipped = [job for job in jobs if not counts[job.slide_id]]
     if len(skipped) == len(jobs):
-        raise ValueError(f"no tile of any slide passes the background filter "
-                         f"(saturation > {config.saturation_threshold} on more than "
-                         f"{config.min_pixels} pixels): nothing to train on")
+        raise cli.InputError(f"no tile of any slide passes the background filter "
+                             f"(saturation > {config.saturation_threshold} on more than "
+                             f"{config.min_pixels} pixels): nothing to train on")
     for job in skipped:
         print(f"warning: {job.image_path}: no tile passes the background filter; slide "
               f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
@@ -382,10 +383,10 @@ def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
                     if path.name.endswith(records.RECORD_SUFFIX)
                     and _slide_of_record(path.name) not in slide_ids)
     if others:
-        raise ValueError(f"{out_dir}: holds records of slides this run does not prepare "
-                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
-                         "training would mix them with this tiling: give an empty "
-                         "--out_dir, or prepare those slides too")
+        raise cli.InputError(f"{out_dir}: holds records of slides this run does not prepare "
+                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                             "training would mix them with this tiling: give an empty "
+                             "--out_dir, or prepare those slides too")
 
 
 def _slide_of_record(name: str) -> str | None:
@@ -407,17 +408,17 @@ def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> 
 
 def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: no such file")
+        raise cli.MissingInput(f"{csv_path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)   # whole-slide RLEs are tens of megabytes
     with paths.open_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         if not {"id", "encoding"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{csv_path}: expected columns id,encoding, got "
-                             f"{','.join(reader.fieldnames or ())}")
+            raise cli.InputError(f"{csv_path}: expected columns id,encoding, got "
+                                 f"{','.join(reader.fieldnames or ())}")
         encodings = {}
         for row in reader:
             if row["id"] in encodings:
-                raise ValueError(f"{csv_path}: id {row['id']} appears twice")
+                raise cli.InputError(f"{csv_path}: id {row['id']} appears twice")
             encodings[row["id"]] = row["encoding"] or ""
     return encodings
 
@@ -426,23 +427,23 @@ def _images_by_id(directory: paths.Path, suffixes: tuple[str, ...]
                     ) -> dict[str, paths.Path]:
     """{id: path}, sorted; two files of one id would write the same records."""
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
+        raise cli.MissingInput(f"{directory}: no such directory")
     found = {}
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue
         slide_id = image_id(path)
         if slide_id in found:
-            raise ValueError(f"{directory}: two files named {slide_id} "
-                             f"({found[slide_id].name}, {path.name})")
+            raise cli.InputError(f"{directory}: two files named {slide_id} "
+                                 f"({found[slide_id].name}, {path.name})")
         found[slide_id] = path
     return found
 
 
 def _check_same_size(mask_name: str, mask: RleMask | MaskImage, slide: Slide) -> None:
     if (mask.height, mask.width) != (slide.height, slide.width):
-        raise ValueError(f"{mask_name}: mask is {mask.height} x {mask.width} but the image "
-                         f"{slide.path.name} is {slide.height} x {slide.width}")
+        raise cli.InputError(f"{mask_name}: mask is {mask.height} x {mask.width} but the image "
+                             f"{slide.path.name} is {slide.height} x {slide.width}")
 
 
 def _slide_size(path: paths.Path) -> tuple[int, int]:
@@ -450,9 +451,7 @@ def _slide_size(path: paths.Path) -> tuple[int, int]:
         return slide.height, slide.width
 
 
-def _define_flags() -> None:
-    """Flags are defined only when run as a program, so that importing this module next
-    to other jaxseg programs (tests) cannot clash on flag names."""
+def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Competition directory with train/ and train.csv.")
     flags.DEFINE_string("images", None, "Directory of images (instead of --data_dir).")
     flags.DEFINE_string("masks", None, "Directory of binary masks named like --images.")
@@ -471,15 +470,14 @@ def _define_flags() -> None:
                          "slide up to the number of cores.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     options = flags.FLAGS
     if not options.out_dir:
-        raise ValueError("--out_dir is required")
+        raise cli.InputError("--out_dir is required")
     if bool(options.data_dir) == bool(options.images):
-        raise ValueError("give either --data_dir or --images (with --masks)")
+        raise cli.InputError("give either --data_dir or --images (with --masks)")
     if options.images and not options.masks:
-        raise ValueError("--images needs --masks")
+        raise cli.InputError("--images needs --masks")
     config = TilingConfig(
         tile_size=options.tile_size, reduction=options.reduction,
         overlap=overlap_pixels(options.overlap, options.tile_size),
@@ -494,5 +492,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run_main(main)

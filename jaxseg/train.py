@@ -50,12 +50,12 @@ def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
     def check_meta() -> None:
         meta = convert.read_meta(config.init_from)
         if meta.get("backbone") != config.backbone:
-            raise ValueError(f"config.init_from: {config.init_from} holds "
-                             f"{meta.get('backbone')} weights, config.backbone is "
-                             f"{config.backbone}")
+            raise cli.InputError(f"config.init_from: {config.init_from} holds "
+                                 f"{meta.get('backbone')} weights, config.backbone is "
+                                 f"{config.backbone}")
         if meta.get("normalize_input", False) != config.normalize_input:
-            raise ValueError(f"config.normalize_input: the weights in {config.init_from} "
-                             f"expect normalize_input={meta.get('normalize_input', False)}")
+            raise cli.InputError(f"config.normalize_input: the weights in {config.init_from} "
+                                 f"expect normalize_input={meta.get('normalize_input', False)}")
 
     processes.decided_by_main(check_meta)
     return convert.load_converted(config.init_from)[0]
@@ -67,30 +67,30 @@ def parse_folds(folds: str, num_folds: int) -> list[int]:
     try:
         chosen = [int(part) for part in str(folds).split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"config.folds: expected 'all' or a list like '0,2', got {folds!r}")
+        raise cli.InputError(f"config.folds: expected 'all' or a list like '0,2', got {folds!r}")
     bad = [fold for fold in chosen if not 0 <= fold < num_folds]
     if bad or not chosen:
-        raise ValueError(f"config.folds: {folds!r} is not a list of folds in 0..{num_folds - 1}")
+        raise cli.InputError(f"config.folds: {folds!r} is not a list of folds in 0..{num_folds - 1}")
     return chosen
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     if not config.data_dir:
-        raise ValueError("config.data_dir is empty: give --config.data_dir=DIR of .tfrec files")
+        raise cli.InputError("config.data_dir is empty: give --config.data_dir=DIR of .tfrec files")
     if config.backbone not in models.BACKBONES:
-        raise ValueError(f"config.backbone: unknown {config.backbone!r}, "
-                         f"expected one of {', '.join(models.BACKBONES)}")
+        raise cli.InputError(f"config.backbone: unknown {config.backbone!r}, "
+                             f"expected one of {', '.join(models.BACKBONES)}")
     if config.image_size <= 0 or config.image_size % 32:
-        raise ValueError(f"config.image_size: {config.image_size} is not a positive multiple "
-                         "of 32 (the Unet halves it five times)")
+        raise cli.InputError(f"config.image_size: {config.image_size} is not a positive multiple "
+                             "of 32 (the Unet halves it five times)")
     if config.epochs < 1:
-        raise ValueError(f"config.epochs must be >= 1, got {config.epochs}")
+        raise cli.InputError(f"config.epochs must be >= 1, got {config.epochs}")
     if config.loss not in ("dice", "bce_dice"):
-        raise ValueError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
+        raise cli.InputError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
     if config.num_folds < 2:
-        raise ValueError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
+        raise cli.InputError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
-        raise ValueError(f"config.plateau_factor must be in (0, 1), got {config.plateau_factor}")
+        raise cli.InputError(f"config.plateau_factor must be in (0, 1), got {config.plateau_factor}")
 
 
 def check_record_files(files: list[str], image_size: int) -> None:
@@ -101,7 +101,7 @@ def check_record_files(files: list[str], image_size: int) -> None:
     for path in files:
         if next(data.validation_batches([path], image_size=image_size, batch_size=1),
                 None) is None:
-            raise ValueError(f"{path}: holds no records")
+            raise cli.InputError(f"{path}: holds no records")
 
 
 def holds_progress(workdir: paths.Path) -> bool:
@@ -120,8 +120,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path)
     previous, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
     for key in sorted(set(previous) | set(current)):
         if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
-            raise ValueError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
-                             f"this one has {current.get(key)!r}; use another --workdir")
+            raise cli.InputError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
+                                 f"this one has {current.get(key)!r}; use another --workdir")
 
 
 @dataclasses.dataclass
@@ -146,7 +146,7 @@ def raise_if_not_finite(values: dict[str, float], name: str, where: str,
     """A diverged run stops before its state reaches a checkpoint: the latest checkpoint
     is saved after validation, which a non-finite loss never passes."""
     if not math.isfinite(values[name]):
-        raise FloatingPointError(f"{where}: {name} is {values[name]}; stopped, {last_good}")
+        raise cli.Diverged(f"{where}: {name} is {values[name]}; stopped, {last_good}")
 
 
 @dataclasses.dataclass
@@ -222,7 +222,7 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
         dice_sum += float(metrics["per_image_dice_sum"])
         examples += count
     if examples == 0:
-        raise ValueError("validation files hold no examples")
+        raise cli.InputError("validation files hold no examples")
     result = {name: value / examples for name, value in weighted.items()}
     result["val_per_image_dice"] = dice_sum / examples
     result["num_val_examples"] = int(examples)
@@ -321,9 +321,9 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             num_val_examples = val_metrics["num_val_examples"]
             if num_val_examples != fold_data.num_val_examples:
                 # TFRecord files cut at a record boundary read cleanly, only shorter.
-                raise ValueError(f"{', '.join(fold_data.val_files)}: {num_val_examples} "
-                                 f"examples read, the file names promise "
-                                 f"{fold_data.num_val_examples}; is a file truncated?")
+                raise cli.InputError(f"{', '.join(fold_data.val_files)}: {num_val_examples} "
+                                     f"examples read, the file names promise "
+                                     f"{fold_data.num_val_examples}; is a file truncated?")
             logs = {"epoch": epoch + 1, **train_metrics,
                     **{k: v for k, v in val_metrics.items() if k != "num_val_examples"},
                     "lr": lr}
@@ -387,8 +387,8 @@ def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[st
     steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
         num_train // global_batch)
     if steps_per_epoch == 0:
-        raise ValueError(f"fold {fold}: {num_train} training images are fewer than one global "
-                         f"batch of {global_batch}; lower config.per_device_batch_size")
+        raise cli.InputError(f"fold {fold}: {num_train} training images are fewer than one global "
+                             f"batch of {global_batch}; lower config.per_device_batch_size")
     val_counts = {path: counts[path] for path in val_files}
     val_batches = data.num_validation_batches(
         val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count(),
@@ -507,23 +507,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
-processes.define_flags()
-compile_cache.define_flags()
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
+    processes.define_flags()
+    compile_cache.define_flags()
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main() -> None:
+    options = flags.FLAGS
     host_memory.keep_freed_memory()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise ValueError("both --config=FILE and --workdir=DIR are required")
+    if options.config is None or options.workdir is None:
+        raise cli.InputError("both --config=FILE and --workdir=DIR are required")
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(options.config, options.workdir)
     except Preempted as preempted:
         # Exit status 0: the run did what was asked of it so far, and schedulers
         # restart a preempted job by running the same command again.
@@ -531,4 +530,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run_main(main)
