@@ -199,7 +199,7 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, variables)
             checkpointer.wait_until_finished()
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        paths.atomic_write(staging / META_FILE, json.dumps(meta, indent=1) + "\n")
         if staging != out:
             staging.rename(out)
     except BaseException:
@@ -216,7 +216,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
     if not meta_path.is_file():
         raise cli.MissingInput(f"{meta_path}: no such file; is {directory} a "
                                "jaxseg.convert output?")
-    return json.loads(meta_path.read_text())
+    return paths.read_json(meta_path)
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:

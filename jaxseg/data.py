@@ -7,7 +7,6 @@ that name the file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -107,10 +106,7 @@ def _check_against_prepare_record(files: Sequence[str], data_dir: str | os.PathL
     record = paths.path(data_dir) / "prepare.json"
     if not record.exists():
         return
-    try:
-        slides = json.loads(record.read_text()).get("slides")
-    except json.JSONDecodeError as error:
-        raise cli.InputError(f"{record}: not valid JSON ({error})") from None
+    slides = paths.read_json(record).get("slides")
     if slides is None:
         return
     listed = {record_name(slide_id, count) for slide_id, count in slides.items()}

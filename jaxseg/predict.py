@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import functools
 import io
-import json
 import math
 import os
 import sys
@@ -63,19 +62,12 @@ class SlideOptions:
     continue_on_nan: bool = False
 
 
-def _read_json(path: paths.Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-
-
 def read_run_config(run_dir: paths.Path) -> dict:
     path = run_dir / "config.json"
     if not path.is_file():
         raise cli.MissingInput(f"{run_dir}: no config.json (not a jaxseg.train run "
                                "directory)")
-    return _read_json(path)
+    return paths.read_json(path)
 
 
 def run_reduction(run_dir: paths.Path | None) -> int | None:
@@ -91,7 +83,7 @@ def run_reduction(run_dir: paths.Path | None) -> int | None:
               f"unknown; assuming {SEED_REDUCTION} (the seed's). Give --reduction if the "
               "run's tiles were made otherwise.", file=sys.stderr, flush=True)
         return None
-    record = _read_json(run_dir / "prepare.json")
+    record = paths.read_json(run_dir / "prepare.json")
     if "reduction" not in record:
         raise cli.InputError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
     return int(record["reduction"])

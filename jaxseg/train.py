@@ -117,7 +117,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path)
     path = workdir / "config.json"
     if not (path.exists() and holds_progress(workdir)):
         return
-    previous, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+    previous, current = paths.read_json(path), json.loads(config.to_json_best_effort())
     for key in sorted(set(previous) | set(current)):
         if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
             raise cli.InputError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
@@ -237,8 +237,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
     fold_started = time.time()
     if is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
-        (fold_dir / "train_files.txt").write_text("\n".join(fold_data.train_files) + "\n")
-        (fold_dir / "val_files.txt").write_text("\n".join(fold_data.val_files) + "\n")
+        paths.atomic_write(fold_dir / "train_files.txt", "\n".join(fold_data.train_files) + "\n")
+        paths.atomic_write(fold_dir / "val_files.txt", "\n".join(fold_data.val_files) + "\n")
 
     # Phase 1: a fresh model (as the recipe rebuilds it for each fold: the converted
     # weights, else random ones), or the state the previous attempt left.
@@ -409,7 +409,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
         for plan in plans:
             result_path = workdir / f"fold_{plan.fold}" / checkpoints.FOLD_RESULT
             finished = processes.decided_by_main(
-                lambda: json.loads(result_path.read_text()) if result_path.exists() else None)
+                lambda: paths.read_json(result_path) if result_path.exists() else None)
             if finished is not None:
                 results[plan.fold] = finished
                 processes.report(f"fold {plan.fold}: finished earlier, best val_dice_coe "
