@@ -26,7 +26,7 @@ from absl import flags
 from flax import traverse_util
 
 from jaxseg import cli, paths
-from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
+from jaxseg.models import BACKBONES, INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
@@ -232,7 +232,8 @@ def define_flags() -> None:
     flags.DEFINE_string("keras_weights", None,
                         "Keras HDF5 file: a segmentation_models Unet (save_weights/save/"
                         "ModelCheckpoint) or an ImageNet 'notop' EfficientNet file.")
-    flags.DEFINE_string("backbone", "efficientnetb5", "EfficientNet variant the file holds.")
+    flags.DEFINE_enum("backbone", "efficientnetb5", list(BACKBONES),
+                      "EfficientNet variant the file holds.")
     flags.DEFINE_string("out", None, "Directory to create with the converted variables.")
     flags.DEFINE_integer("seed", 0, "Initialises the decoder when the file holds only an encoder.")
     flags.mark_flags_as_required(["keras_weights", "out"])

@@ -12,8 +12,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxseg import cli
-
 DICE_LOSS_SMOOTH = 1e-5   # sm.losses.DiceLoss default
 DICE_COE_SMOOTH = 1e-10   # the recipe's dice_coe (tensorlayer)
 THRESHOLD = 0.5
@@ -60,7 +58,7 @@ def loss_from_logits(name: str, logits: jax.Array, masks: jax.Array, weights: ja
     if name == "bce_dice":
         return (soft_dice_loss(probs, masks, weights, reduce)
                 + binary_crossentropy(logits, masks, weights, reduce))
-    raise cli.InputError(f"config.loss: unknown loss {name!r}, expected 'dice' or 'bce_dice'")
+    raise ValueError(f"config.loss: unknown loss {name!r}, expected 'dice' or 'bce_dice'")
 
 
 def thresholded_metrics(probs: jax.Array, masks: jax.Array, weights: jax.Array,

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, compile_cache, convert, host_memory, models, parallel,
-                    paths, processes, slides, stitch)
+from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, host_memory,
+                    models, parallel, paths, processes, slides, stitch)
 
 TTA_MODES = ("none", "flips")
 # The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
@@ -176,6 +176,7 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         source = describe_folds(fold_dirs)
         if "backbone" not in config:
             raise cli.InputError(f"{run_dir / 'config.json'}: has no 'backbone' field")
+    config_checks.check_model_config(config)
     model = models.build_model(config)
     tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
     if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:

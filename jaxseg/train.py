@@ -27,8 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, compile_cache, data, host_memory, locking, models,
-                    parallel, paths, processes, reporting, steps)
+from jaxseg import (checkpoints, cli, compile_cache, config_checks, data, host_memory, locking,
+                    models, parallel, paths, processes, reporting, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 
 TRAIN_METRICS = ("loss", "dice_coe", "accuracy")
@@ -59,38 +59,6 @@ def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
 
     processes.decided_by_main(check_meta)
     return convert.load_converted(config.init_from)[0]
-
-
-def parse_folds(folds: str, num_folds: int) -> list[int]:
-    if str(folds).strip().lower() == "all":
-        return list(range(num_folds))
-    try:
-        chosen = [int(part) for part in str(folds).split(",") if part.strip()]
-    except ValueError:
-        raise cli.InputError(f"config.folds: expected 'all' or a list like '0,2', got {folds!r}")
-    bad = [fold for fold in chosen if not 0 <= fold < num_folds]
-    if bad or not chosen:
-        raise cli.InputError(f"config.folds: {folds!r} is not a list of folds in 0..{num_folds - 1}")
-    return chosen
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    if not config.data_dir:
-        raise cli.InputError("config.data_dir is empty: give --config.data_dir=DIR of .tfrec files")
-    if config.backbone not in models.BACKBONES:
-        raise cli.InputError(f"config.backbone: unknown {config.backbone!r}, "
-                             f"expected one of {', '.join(models.BACKBONES)}")
-    if config.image_size <= 0 or config.image_size % 32:
-        raise cli.InputError(f"config.image_size: {config.image_size} is not a positive multiple "
-                             "of 32 (the Unet halves it five times)")
-    if config.epochs < 1:
-        raise cli.InputError(f"config.epochs must be >= 1, got {config.epochs}")
-    if config.loss not in ("dice", "bce_dice"):
-        raise cli.InputError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
-    if config.num_folds < 2:
-        raise cli.InputError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
-    if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
-        raise cli.InputError(f"config.plateau_factor must be in (0, 1), got {config.plateau_factor}")
 
 
 def check_record_files(files: list[str], image_size: int) -> None:
@@ -448,7 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     started = time.time()
     workdir = paths.path(workdir)
-    validate_config(config)
+    config_checks.check_train_config(config)
 
     def check_files() -> tuple[list[str], dict[str, int], bool]:
         check_workdir_config(config, workdir)
@@ -458,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
-    folds = parse_folds(config.folds, config.num_folds)
+    folds = config_checks.chosen_folds(config)
     plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
     init_weights = load_init_weights(config)
     is_main = processes.is_main()

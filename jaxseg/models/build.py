@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxseg import cli
 from jaxseg.models import layers
 from jaxseg.models.efficientnet import BatchNormActivation, DepthwiseConv, ModuleDef
 from jaxseg.models.unet import INPUT_MULTIPLE, Unet, UpsampleConcatConv
@@ -45,8 +44,7 @@ def resolve_impl(field: str, choice: str) -> str:
     """The variant of LAYER_VARIANTS[field] that `choice` ('auto' or a variant) means here."""
     variants = list(LAYER_VARIANTS[field])
     if choice not in ("auto", *variants):
-        raise cli.InputError(f"{field} {choice!r} is not one of "
-                             f"{', '.join(['auto', *variants])}")
+        raise ValueError(f"{field} {choice!r} is not one of {', '.join(['auto', *variants])}")
     if choice == "auto":
         return variants[1] if jax.default_backend() == "cpu" else variants[0]
     return choice
