@@ -37,7 +37,7 @@ FOLD_RESULT = "result.json"
 
 class FoldCheckpoints:
     def __init__(self, fold_dir: str | os.PathLike):
-        fold_dir = paths.absolute(fold_dir)
+        self.fold_dir = fold_dir = paths.absolute(fold_dir)
         # No max_to_keep: orbax would delete the previous best as soon as the new one is
         # written (see _drop_superseded_best). best_fn makes it store the metrics.
         self._best = ocp.CheckpointManager(

@@ -91,6 +91,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
+def define_tiling_flags(*, tile_size: int | None, reduction: int | None, overlap: float,
+                        tile_size_note: str = "", reduction_note: str = "") -> None:
+    """--tile_size, --reduction and --overlap with one meaning in every command that cuts
+    slides into windows (prepare, predict): a window is `tile_size` pixels at model
+    scale, the size the network sees, and covers `tile_size * reduction` pixels of the
+    full-resolution slide; `overlap` is a fraction of the window."""
+    from absl import flags
+
+    flags.DEFINE_integer("tile_size", tile_size, "Window side in pixels at model scale; it "
+                         "covers tile_size * reduction full-resolution pixels." + tile_size_note)
+    flags.DEFINE_integer("reduction", reduction, "Downscale factor from the full-resolution "
+                         "slide to model scale." + reduction_note)
+    flags.DEFINE_float("overlap", overlap, "Overlap of neighbouring windows, a fraction of "
+                       "the window in [0, 1).")
+
+
+def overlap_fraction(overlap: float) -> float:
+    """--overlap, checked."""
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap {overlap} must be a fraction of the window in [0, 1)")
+    return overlap
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Runs a command's `main` after absl has parsed its flags (defined beforehand);
     arguments that are not flags are refused, and a USER_ERRORS error becomes one line

@@ -70,6 +70,17 @@ def count_examples(path: str | os.PathLike) -> int:
     return count if count is not None else _count_records(os.fspath(path))
 
 
+def check_record_files(files: list[str], image_size: int) -> None:
+    """Reads the first record of every file before anything is compiled or written, so
+    that records of another tile size, an empty file or one that is not a TFRecord stop
+    the run at once, naming the file. Damage further into a file (a truncated copy)
+    surfaces when training reads it, and is named then too."""
+    for path in files:
+        if next(validation_batches([path], image_size=image_size, batch_size=1),
+                None) is None:
+            raise cli.InputError(f"{path}: holds no records")
+
+
 def checked_counts(files: Sequence[str], data_dir: str | os.PathLike) -> dict[str, int]:
     """Examples per record file, each checked against the count its name promises and
     the slides `prepare.json` lists, when the directory has one.

@@ -17,9 +17,8 @@ from absl import flags
 from jaxseg import cli, paths
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.py"
-TILE_SIZE = 512   # full-resolution pixels per tile
+MODEL_TILE = 128  # pixels per tile at model scale, as prepare's and predict's --tile_size
 REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
-MODEL_TILE = TILE_SIZE // REDUCTION
 
 
 def run_stage(title: str, args: list[str], done: paths.Path) -> None:
@@ -55,8 +54,8 @@ def main() -> None:
         f"--num_test={options.num_test}", f"--height={options.slide_size}",
         f"--width={options.slide_size}"], slides / "test_truth.csv")
     run_stage("tiles: 512 px windows reduced 4x, background dropped", [
-        "-m", "jaxseg.prepare", f"--data_dir={slides}", f"--out_dir={tiles}",
-        f"--tile_size={TILE_SIZE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
+        "-m", "jaxseg.prepare", f"--competition_dir={slides}", f"--out_dir={tiles}",
+        f"--tile_size={MODEL_TILE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
         tiles / "prepare.json")
     run_stage("K-fold training, Unet-efficientnetb0 (configs/cpu.py)", [
         "-m", "jaxseg.train", f"--config={CONFIG}", f"--workdir={run}",

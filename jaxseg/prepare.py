@@ -1,6 +1,6 @@
 """Cuts slides into the recipe's TFRecord tiles.
 
-    python -m jaxseg.prepare --data_dir=COMPETITION_DIR --out_dir=TILES_DIR
+    python -m jaxseg.prepare --competition_dir=COMPETITION_DIR --out_dir=TILES_DIR
     python -m jaxseg.prepare --images=DIR --masks=DIR --out_dir=TILES_DIR
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
@@ -12,11 +12,12 @@ slides: {id: count}, skipped_slides: [id]}: training checks its files against it
 prediction reads the reduction from it. A slide none of whose tiles passes the
 background filter is skipped with a warning: it has no record file.
 
-Tiling: a grid of --tile_size full-resolution windows, --overlap apart (pixels, or a
-fraction of the tile when below 1), covers every pixel; the slide is padded with zeros
-split evenly on both sides (as iafoss's HuBMAP tiling notebook, which the seed's
-dataset follows, does). Each window is shrunk --reduction times by area averaging
-(the mask: True where at least half of the block is).
+Tiling: --tile_size is the tile at model scale, as in predict (512, the recipe's); a
+grid of full-resolution windows of tile_size * reduction pixels, overlapping by the
+fraction --overlap, covers every pixel; the slide is padded with zeros split evenly on
+both sides (as iafoss's HuBMAP tiling notebook, which the seed's dataset follows,
+does). Each window is shrunk --reduction times by area averaging (the mask: True where
+at least half of the block is). prepare.json records the full-resolution sizes.
 
 Background filter (the same rule as that notebook, applied to the reduced tile):
 a tile is kept only if more than --min_pixels of its pixels have an 8-bit HSV
@@ -60,8 +61,8 @@ from tqdm import tqdm
 
 from jaxseg import cli, locking, paths, records, rle
 from jaxseg.rle import RleMask
-from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_TILE_SIZE, TIFF_SUFFIXES, MaskImage, Slide, \
-    downscale_area, image_id, open_mask, open_slide
+from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, TIFF_SUFFIXES, \
+    MaskImage, Slide, downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
 _STAGING_PREFIX = ".prepare-staging-"
@@ -72,9 +73,9 @@ PADDING = "zeros, split evenly before and after"
 
 @dataclass(frozen=True)
 class TilingConfig:
-    tile_size: int = RECIPE_TILE_SIZE
-    reduction: int = 4
-    overlap: int = 0
+    tile_size: int = RECIPE_TILE_SIZE   # full-resolution pixels
+    reduction: int = RECIPE_REDUCTION
+    overlap: int = 0                    # full-resolution pixels
     saturation_threshold: int = 40
     min_pixels: int | None = None       # None: default_min_pixels of the reduced size
 
@@ -98,12 +99,8 @@ def default_min_pixels(reduced_size: int) -> int:
 
 
 def overlap_pixels(overlap: float, tile_size: int) -> int:
-    """--overlap as full-resolution pixels: values below 1 are a fraction of the tile."""
-    if 0 < overlap < 1:
-        return round(overlap * tile_size)
-    if overlap != int(overlap):
-        raise cli.InputError(f"overlap {overlap} must be a fraction below 1 or whole pixels")
-    return int(overlap)
+    """--overlap (a fraction of the tile) as full-resolution pixels."""
+    return round(cli.overlap_fraction(overlap) * tile_size)
 
 
 def grid_starts(length: int, tile_size: int, overlap: int) -> list[int]:
@@ -452,15 +449,13 @@ def _slide_size(path: paths.Path) -> tuple[int, int]:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("data_dir", None, "Competition directory with train/ and train.csv.")
-    flags.DEFINE_string("images", None, "Directory of images (instead of --data_dir).")
+    flags.DEFINE_string("competition_dir", None, "Competition directory with train/ and "
+                        "train.csv.")
+    flags.DEFINE_string("images", None, "Directory of images (instead of --competition_dir).")
     flags.DEFINE_string("masks", None, "Directory of binary masks named like --images.")
     flags.DEFINE_string("out_dir", None, "Directory for <id>-<count>.tfrec and prepare.json.")
-    flags.DEFINE_integer("tile_size", RECIPE_TILE_SIZE, "Tile size in full-resolution "
-                         "pixels.")
-    flags.DEFINE_integer("reduction", 4, "Downscale factor: tiles are tile_size/reduction.")
-    flags.DEFINE_float("overlap", 0, "Overlap of neighbouring tiles: full-resolution "
-                       "pixels, or a fraction of tile_size when below 1.")
+    cli.define_tiling_flags(tile_size=RECIPE_TILE_SIZE // RECIPE_REDUCTION,
+                            reduction=RECIPE_REDUCTION, overlap=0)
     flags.DEFINE_integer("saturation_threshold", 40, "A pixel is tissue when its HSV "
                          "saturation (0-255) exceeds this.")
     flags.DEFINE_integer("min_pixels", -1, "Keep a tile only if it has more tissue pixels "
@@ -474,16 +469,19 @@ def main() -> None:
     options = flags.FLAGS
     if not options.out_dir:
         raise cli.InputError("--out_dir is required")
-    if bool(options.data_dir) == bool(options.images):
-        raise cli.InputError("give either --data_dir or --images (with --masks)")
+    if bool(options.competition_dir) == bool(options.images):
+        raise cli.InputError("give either --competition_dir or --images (with --masks)")
     if options.images and not options.masks:
         raise cli.InputError("--images needs --masks")
+    if options.tile_size < 1 or options.reduction < 1:
+        raise cli.InputError("--tile_size and --reduction must be positive")
+    full_tile = options.tile_size * options.reduction
     config = TilingConfig(
-        tile_size=options.tile_size, reduction=options.reduction,
-        overlap=overlap_pixels(options.overlap, options.tile_size),
+        tile_size=full_tile, reduction=options.reduction,
+        overlap=overlap_pixels(options.overlap, full_tile),
         saturation_threshold=options.saturation_threshold,
         min_pixels=options.min_pixels if options.min_pixels >= 0 else None)
-    jobs = (competition_jobs(options.data_dir) if options.data_dir
+    jobs = (competition_jobs(options.competition_dir) if options.competition_dir
             else image_jobs(options.images, options.masks))
     summary = prepare(jobs, options.out_dir, config, options.workers)
     print(f"{sum(summary['slides'].values())} tiles of "

@@ -32,10 +32,12 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES
 # Extensions of more than one part: the OME-TIFF of `x.ome.tiff` is image `x`.
 _COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff")
-# The recipe's tiles are 2048 px at full resolution. PNG/JPEG files are tiles decoded
-# whole, so the largest taken is four tiles a side (192 MB as RGB), which stays below
-# Pillow's own decompression-bomb limit; a larger image belongs in a TIFF, read by window.
+# The recipe's tiles are 2048 px at full resolution, reduced 4 times to the 512 px the
+# network sees. PNG/JPEG files are tiles decoded whole, so the largest taken is four
+# tiles a side (192 MB as RGB), which stays below Pillow's own decompression-bomb limit;
+# a larger image belongs in a TIFF, read by window.
 RECIPE_TILE_SIZE = 2048
+RECIPE_REDUCTION = 4
 MAX_PICTURE_PIXELS = (4 * RECIPE_TILE_SIZE) ** 2
 
 # PIL modes whose pixels are a single value; other modes are converted to RGB.
