@@ -2,12 +2,12 @@
 
 `best/` holds only the model variables of the best epoch (the recipe's ModelCheckpoint
 with save_best_only, and what EarlyStopping's restore_best_weights restores); `latest/`
-holds the whole train state plus the host-side loop state, so a killed run resumes at
-the next epoch; `preempted/` holds the same at the step where a preemption notice
-stopped the run, so a preempted run resumes at the next step. Orbax writes each step
-into a temporary directory and renames it when complete, so a kill during a save leaves
-the previous checkpoint usable; the temporary directories such a kill leaves are
-removed when the fold resumes.
+holds the whole train state plus the fold loop's state (`progress.FoldProgress` as
+JSON), so a killed run resumes at the next epoch; `preempted/` holds the same at the
+step where a preemption notice stopped the run, so a preempted run resumes at the next
+step. Orbax writes each step into a temporary directory and renames it when complete,
+so a kill during a save leaves the previous checkpoint usable; the temporary
+directories such a kill leaves are removed when the fold resumes.
 
 A best checkpoint is deleted only once a newer one is covered by a committed latest
 checkpoint. A run killed between a new best and its epoch's latest resumes from the
@@ -56,7 +56,7 @@ class FoldCheckpoints:
                         metrics={k: float(v) for k, v in metrics.items()})
 
     def save_latest(self, epochs_done: int, state: Any, host_state: dict) -> None:
-        """`host_state` is JSON: history, callback states, learning rate, elapsed time.
+        """`host_state` is the fold's progress as JSON (`progress.FoldProgress.to_json`).
 
         A preemption checkpoint, older than this epoch's end once it is on disk, goes.
         """
