@@ -118,14 +118,14 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.predict` does
     import jax
 
-    from jaxseg import convert, predict, stitch
+    from jaxseg import convert, ensembles, predict, stitch
 
     converted = Path(settings["converted"])
     shutil.rmtree(converted, ignore_errors=True)  # the Keras stage wrote new weights
     convert.convert_to_dir(settings["weights"], settings["backbone"], converted)
-    ensemble = predict.load_ensemble(None, keras_weights=str(converted),
-                                     tile_size=settings["tile"],
-                                     reduction=settings["reduction"])
+    ensemble = ensembles.load_ensemble(None, keras_weights=str(converted),
+                                       tile_size=settings["tile"],
+                                       reduction=settings["reduction"])
     predict_fn, global_batch = predict.make_batch_predictor(ensemble, settings["tta"],
                                                             settings["batch_size"])
     start = time.perf_counter()

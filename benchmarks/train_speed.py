@@ -104,7 +104,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.train` does
     import jax
 
-    from jaxseg import models, parallel, predict, steps
+    from jaxseg import ensembles, models, parallel, predict, steps
 
     config = {"backbone": _BACKBONE.value, "half_precision": _HALF_PRECISION.value,
               "depthwise_impl": _DEPTHWISE_IMPL.value, "conv_impl": _CONV_IMPL.value,
@@ -135,7 +135,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     cost = forward.cost_analysis()
     facts["forward_gflop_per_image"] = cost["flops"] / 1e9 if cost else None
 
-    ensemble = predict.Ensemble(model, [variables], _IMAGE_SIZE.value, 1, "benchmark")
+    ensemble = ensembles.Ensemble(model, [variables], _IMAGE_SIZE.value, 1, "benchmark")
     predict_fn, _ = predict.make_batch_predictor(
         ensemble, "none", _BATCH_SIZE.value // jax.local_device_count())
     windows = images.astype(np.uint8)

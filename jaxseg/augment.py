@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from jaxseg import cli
 from jaxseg.tensorflow_quiet import tf
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
@@ -51,12 +52,12 @@ def check_augment_config(config: ml_collections.ConfigDict) -> None:
     """Rejects values that would silently disable or distort an op."""
     for field in _PROBABILITY_FIELDS:
         if not 0.0 <= config[field] <= 1.0:
-            raise ValueError(f"augment.{field} must be in [0, 1], got {config[field]}")
+            raise cli.InputError(f"augment.{field} must be in [0, 1], got {config[field]}")
     for field in _RANGE_FIELDS:
         bounds = tuple(config[field])
         if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1]:
-            raise ValueError(
-                f"augment.{field} must be (low, high) with 0 <= low <= high, got {config[field]}")
+            raise cli.InputError(f"augment.{field} must be (low, high) with 0 <= low <= high, "
+                                 f"got {config[field]}")
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict,

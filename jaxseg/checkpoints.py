@@ -2,12 +2,12 @@
 
 `best/` holds only the model variables of the best epoch (the recipe's ModelCheckpoint
 with save_best_only, and what EarlyStopping's restore_best_weights restores); `latest/`
-holds the whole train state plus the host-side loop state, so a killed run resumes at
-the next epoch; `preempted/` holds the same at the step where a preemption notice
-stopped the run, so a preempted run resumes at the next step. Orbax writes each step
-into a temporary directory and renames it when complete, so a kill during a save leaves
-the previous checkpoint usable; the temporary directories such a kill leaves are
-removed when the fold resumes.
+holds the whole train state plus the fold loop's state (`progress.FoldProgress` as
+JSON), so a killed run resumes at the next epoch; `preempted/` holds the same at the
+step where a preemption notice stopped the run, so a preempted run resumes at the next
+step. Orbax writes each step into a temporary directory and renames it when complete,
+so a kill during a save leaves the previous checkpoint usable; the temporary
+directories such a kill leaves are removed when the fold resumes.
 
 A best checkpoint is deleted only once a newer one is covered by a committed latest
 checkpoint. A run killed between a new best and its epoch's latest resumes from the
@@ -28,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_manager
 
-from jaxseg import paths
+from jaxseg import cli, paths
 
 BEST_METRIC = "val_dice_coe"
 # Written by jaxseg.train as a fold's last file, once its training has ended.
@@ -37,7 +37,7 @@ FOLD_RESULT = "result.json"
 
 class FoldCheckpoints:
     def __init__(self, fold_dir: str | os.PathLike):
-        fold_dir = paths.absolute(fold_dir)
+        self.fold_dir = fold_dir = paths.absolute(fold_dir)
         # No max_to_keep: orbax would delete the previous best as soon as the new one is
         # written (see _drop_superseded_best). best_fn makes it store the metrics.
         self._best = ocp.CheckpointManager(
@@ -56,7 +56,7 @@ class FoldCheckpoints:
                         metrics={k: float(v) for k, v in metrics.items()})
 
     def save_latest(self, epochs_done: int, state: Any, host_state: dict) -> None:
-        """`host_state` is JSON: history, callback states, learning rate, elapsed time.
+        """`host_state` is the fold's progress as JSON (`progress.FoldProgress.to_json`).
 
         A preemption checkpoint, older than this epoch's end once it is on disk, goes.
         """
@@ -159,10 +159,10 @@ def load_best_variables(fold_dir: str | os.PathLike) -> dict:
     """
     best_dir = paths.absolute(fold_dir) / "best"
     if not best_dir.is_dir():
-        raise FileNotFoundError(f"{fold_dir}: no best checkpoint (expected {best_dir})")
+        raise cli.MissingInput(f"{fold_dir}: no best checkpoint (expected {best_dir})")
     saved_steps = ocp.utils.checkpoint_steps(best_dir)
     if not saved_steps:
-        raise FileNotFoundError(f"{best_dir}: holds no finished checkpoint")
+        raise cli.MissingInput(f"{best_dir}: holds no finished checkpoint")
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(
             best_dir / str(max(saved_steps)) / checkpoint_manager.DEFAULT_ITEM_NAME)

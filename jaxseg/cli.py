@@ -6,8 +6,24 @@ import sys
 from typing import Callable, NoReturn
 
 TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
-               FloatingPointError)
+
+
+class InputError(ValueError):
+    """Bad input the user can correct (a flag, a config field, a file's content), with a
+    message that names it. A plain ValueError is a bug of ours and keeps its traceback."""
+
+
+class MissingInput(FileNotFoundError):
+    """A file or folder the user named, or one a named folder must hold, does not exist."""
+
+
+class Diverged(FloatingPointError):
+    """The model's numbers stopped being finite (a learning rate too high, bad weights):
+    the run stops, naming where."""
+
+
+# What a command reports as one line; `processes.decided_by_main` re-raises these by name.
+USER_ERRORS = (InputError, MissingInput, Diverged)
 _failure_handlers: list[Callable[[str, BaseException | None], None]] = []
 
 
@@ -75,12 +91,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
-def run_main(main: Callable[[list[str]], None]) -> None:
-    """Runs an absl main; a bad input becomes one line on stderr and exit status 1.
+def define_tiling_flags(*, tile_size: int | None, reduction: int | None, overlap: float,
+                        tile_size_note: str = "", reduction_note: str = "") -> None:
+    """--tile_size, --reduction and --overlap with one meaning in every command that cuts
+    slides into windows (prepare, predict): a window is `tile_size` pixels at model
+    scale, the size the network sees, and covers `tile_size * reduction` pixels of the
+    full-resolution slide; `overlap` is a fraction of the window."""
+    from absl import flags
 
-    The modules raise ValueError/FileNotFoundError with a message that names the file or
-    field; a traceback would bury that line, so it is printed alone. An internal error of
-    the same type would print alone too: JAXSEG_TRACEBACK=1 shows the traceback.
+    flags.DEFINE_integer("tile_size", tile_size, "Window side in pixels at model scale; it "
+                         "covers tile_size * reduction full-resolution pixels." + tile_size_note)
+    flags.DEFINE_integer("reduction", reduction, "Downscale factor from the full-resolution "
+                         "slide to model scale." + reduction_note)
+    flags.DEFINE_float("overlap", overlap, "Overlap of neighbouring windows, a fraction of "
+                       "the window in [0, 1).")
+
+
+def overlap_fraction(overlap: float) -> float:
+    """--overlap, checked."""
+    if not 0 <= overlap < 1:
+        raise InputError(f"--overlap {overlap} must be a fraction of the window in [0, 1)")
+    return overlap
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a command's `main` after absl has parsed its flags (defined beforehand);
+    arguments that are not flags are refused, and a USER_ERRORS error becomes one line
+    on stderr and exit status 1.
+
+    The message names the file or field; a traceback would bury that line, so it is
+    printed alone (JAXSEG_TRACEBACK=1 shows it for a bug report). Any other error is a
+    bug of ours and keeps its traceback.
     """
     from absl import app, logging
 
@@ -91,7 +132,9 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         logging.set_verbosity(logging.WARNING)
         paths.setup_emulator_env()
         try:
-            main(argv)
+            if len(argv) > 1:
+                raise InputError(f"unexpected arguments: {' '.join(argv[1:])}")
+            main()
         except USER_ERRORS as error:
             if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
                 raise

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags
 from flax import traverse_util
 
 from jaxseg import cli, paths
-from jaxseg.models import INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
+from jaxseg.models import BACKBONES, INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
 
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
@@ -49,14 +49,14 @@ def read_keras_weights(path: str | os.PathLike) -> StoredWeights:
     """
     path = paths.path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such Keras weights file")
+        raise cli.MissingInput(f"{path}: no such Keras weights file")
     # h5py reads a bucket's file through the file object, by ranged reads.
     with (path.open("rb") if paths.is_remote(path) else contextlib.nullcontext(
             os.fspath(path))) as source:
         try:
             h5 = h5py.File(source, "r")
         except OSError as error:
-            raise ValueError(f"{path}: not an HDF5 file ({error})") from None
+            raise cli.InputError(f"{path}: not an HDF5 file ({error})") from None
         with h5:
             return _read_layers(h5, path)
 
@@ -64,8 +64,8 @@ def read_keras_weights(path: str | os.PathLike) -> StoredWeights:
 def _read_layers(h5: h5py.File, path: paths.Path) -> StoredWeights:
     root = h5["model_weights"] if "model_weights" in h5 else h5
     if "layer_names" not in root.attrs:
-        raise ValueError(f"{path}: no 'layer_names' attribute; expected a tf-keras file "
-                         "written by save_weights('x.h5') or save('x.h5')")
+        raise cli.InputError(f"{path}: no 'layer_names' attribute; expected a tf-keras file "
+                             "written by save_weights('x.h5') or save('x.h5')")
     weights = {}
     for layer_name in map(_text, root.attrs["layer_names"]):
         group = root[layer_name]
@@ -156,16 +156,16 @@ def keras_to_flax(path: str | os.PathLike, backbone: str, seed: int = 0) -> tupl
             continue
         layer = module_path[-1]
         if layer not in stored_layers:
-            raise ValueError(f"{path}: layer {layer} is missing ({backbone} {kind} weights "
-                             "need it)")
+            raise cli.InputError(f"{path}: layer {layer} is missing ({backbone} {kind} weights "
+                                 "need it)")
         for collection, leaf, shape in leaves_by_module[module_path]:
             weight = _keras_weight_name(layer, collection, leaf)
             if (layer, weight) not in stored:
-                raise ValueError(f"{path}: layer {layer} has no {weight} weight")
+                raise cli.InputError(f"{path}: layer {layer} has no {weight} weight")
             value = stored[(layer, weight)]
             if value.shape != _keras_shape(layer, shape):
-                raise ValueError(f"{path}: layer {layer} {weight} has shape {value.shape}, "
-                                 f"{backbone} expects {_keras_shape(layer, shape)}")
+                raise cli.InputError(f"{path}: layer {layer} {weight} has shape {value.shape}, "
+                                     f"{backbone} expects {_keras_shape(layer, shape)}")
             flat[collection][module_path + (leaf,)] = _to_flax(layer, value)
     variables = {collection: traverse_util.unflatten_dict(leaves) for collection, leaves in flat.items()}
     if kind == KIND_ENCODER:
@@ -189,7 +189,7 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
     """
     out = paths.absolute(out)
     if out.exists():
-        raise ValueError(f"{out}: already exists; remove it or choose another --out")
+        raise cli.InputError(f"{out}: already exists; remove it or choose another --out")
     variables, found = keras_to_flax(keras_weights, backbone, seed)
     meta = {"backbone": backbone, "source": str(paths.absolute(keras_weights)), **found}
     paths.make_parent(out)
@@ -199,7 +199,7 @@ def convert_to_dir(keras_weights: str | os.PathLike, backbone: str, out: str | o
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / VARIABLES_DIR, variables)
             checkpointer.wait_until_finished()
-        (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        paths.atomic_write(staging / META_FILE, json.dumps(meta, indent=1) + "\n")
         if staging != out:
             staging.rename(out)
     except BaseException:
@@ -214,9 +214,9 @@ def read_meta(directory: str | os.PathLike) -> dict:
     directory = paths.absolute(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: no such file; is {directory} a "
-                                "jaxseg.convert output?")
-    return json.loads(meta_path.read_text())
+        raise cli.MissingInput(f"{meta_path}: no such file; is {directory} a "
+                               "jaxseg.convert output?")
+    return paths.read_json(meta_path)
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
@@ -228,27 +228,23 @@ def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     return jax.tree.map(np.asarray, variables), meta
 
 
-def _define_flags() -> None:
-    """Only when run as a program: training imports this module and has flags of its own."""
+def define_flags() -> None:
     flags.DEFINE_string("keras_weights", None,
                         "Keras HDF5 file: a segmentation_models Unet (save_weights/save/"
                         "ModelCheckpoint) or an ImageNet 'notop' EfficientNet file.")
-    flags.DEFINE_string("backbone", "efficientnetb5", "EfficientNet variant the file holds.")
+    flags.DEFINE_enum("backbone", "efficientnetb5", list(BACKBONES),
+                      "EfficientNet variant the file holds.")
     flags.DEFINE_string("out", None, "Directory to create with the converted variables.")
     flags.DEFINE_integer("seed", 0, "Initialises the decoder when the file holds only an encoder.")
     flags.mark_flags_as_required(["keras_weights", "out"])
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    # Orbax and JAX log every step at INFO; the user needs the one line below (or the error).
-    logging.set_verbosity(logging.WARNING)
+def main() -> None:
     meta = convert_to_dir(flags.FLAGS.keras_weights, flags.FLAGS.backbone, flags.FLAGS.out,
                           flags.FLAGS.seed)
     print(f"wrote {flags.FLAGS.out}: {meta['kind']} weights for {meta['backbone']}")
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run_main(main)

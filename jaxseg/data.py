@@ -7,7 +7,6 @@ that name the file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,7 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from jaxseg import paths
+from jaxseg import cli, paths
 from jaxseg.augment import augment_fn
 from jaxseg.records import RECORD_SUFFIX, count_from_name, record_name
 from jaxseg.tensorflow_quiet import tf
@@ -58,10 +57,10 @@ def list_record_files(data_dir: str | os.PathLike) -> list[str]:
     """Sorted, so that folds depend only on the file names; gs:// directories work too."""
     directory = os.fspath(data_dir)
     if not tf.io.gfile.isdir(directory):
-        raise FileNotFoundError(f"data directory {directory} does not exist")
+        raise cli.MissingInput(f"data directory {directory} does not exist")
     files = sorted(tf.io.gfile.glob(os.path.join(directory, f"*{RECORD_SUFFIX}")))
     if not files:
-        raise FileNotFoundError(f"no *{RECORD_SUFFIX} files in data directory {directory}")
+        raise cli.MissingInput(f"no *{RECORD_SUFFIX} files in data directory {directory}")
     return files
 
 
@@ -69,6 +68,17 @@ def count_examples(path: str | os.PathLike) -> int:
     """The count in a `<id>-<count>.tfrec` name, else the number of records in the file."""
     count = count_from_name(path)
     return count if count is not None else _count_records(os.fspath(path))
+
+
+def check_record_files(files: list[str], image_size: int) -> None:
+    """Reads the first record of every file before anything is compiled or written, so
+    that records of another tile size, an empty file or one that is not a TFRecord stop
+    the run at once, naming the file. Damage further into a file (a truncated copy)
+    surfaces when training reads it, and is named then too."""
+    for path in files:
+        if next(validation_batches([path], image_size=image_size, batch_size=1),
+                None) is None:
+            raise cli.InputError(f"{path}: holds no records")
 
 
 def checked_counts(files: Sequence[str], data_dir: str | os.PathLike) -> dict[str, int]:
@@ -85,8 +95,8 @@ def checked_counts(files: Sequence[str], data_dir: str | os.PathLike) -> dict[st
         if promised is not None and not _size_fits(path, promised):
             counted = _count_records(path)
             if counted != promised:
-                raise ValueError(f"{path}: holds {counted} records, its name promises "
-                                 f"{promised}; a partial copy?")
+                raise cli.InputError(f"{path}: holds {counted} records, its name promises "
+                                     f"{promised}; a partial copy?")
     _check_against_prepare_record(files, data_dir)
     return {path: count_examples(path) for path in files}
 
@@ -107,24 +117,21 @@ def _check_against_prepare_record(files: Sequence[str], data_dir: str | os.PathL
     record = paths.path(data_dir) / "prepare.json"
     if not record.exists():
         return
-    try:
-        slides = json.loads(record.read_text()).get("slides")
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{record}: not valid JSON ({error})") from None
+    slides = paths.read_json(record).get("slides")
     if slides is None:
         return
     listed = {record_name(slide_id, count) for slide_id, count in slides.items()}
     present = {os.path.basename(path): path for path in files}
     unlisted = sorted(set(present) - listed)
     if unlisted:
-        raise ValueError(f"{present[unlisted[0]]}: not among the slides {record} lists "
-                         f"({len(unlisted)} such file(s)); records of another preparation? "
-                         "Prepare the data again into an empty folder")
+        raise cli.InputError(f"{present[unlisted[0]]}: not among the slides {record} lists "
+                             f"({len(unlisted)} such file(s)); records of another preparation? "
+                             "Prepare the data again into an empty folder")
     missing = sorted(listed - set(present))
     if missing:
-        raise ValueError(f"{record}: lists {missing[0]}, which {data_dir} lacks "
-                         f"({len(missing)} such file(s)); an incomplete copy, or a "
-                         "jaxseg.prepare stopped while moving records in?")
+        raise cli.InputError(f"{record}: lists {missing[0]}, which {data_dir} lacks "
+                             f"({len(missing)} such file(s)); an incomplete copy, or a "
+                             "jaxseg.prepare stopped while moving records in?")
 
 
 def kfold_splits(files: Sequence[str], num_folds: int,
@@ -137,10 +144,10 @@ def kfold_splits(files: Sequence[str], num_folds: int,
     """
     ordered = sorted(files)
     if num_folds < 2:
-        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+        raise cli.InputError(f"num_folds must be at least 2, got {num_folds}")
     if len(ordered) < num_folds:
-        raise ValueError(f"{len(ordered)} record files cannot make {num_folds} folds: "
-                         "each fold needs at least one file")
+        raise cli.InputError(f"{len(ordered)} record files cannot make {num_folds} folds: "
+                             "each fold needs at least one file")
     permutation = np.random.RandomState(seed).permutation(len(ordered))
     sizes = np.full(num_folds, len(ordered) // num_folds)
     sizes[:len(ordered) % num_folds] += 1
@@ -178,8 +185,8 @@ def train_batches(files: Sequence[str], *, image_size: int, batch_size: int, ste
     """
     shard = list(files) if deterministic else host_shard(files, process_index, process_count)
     if not shard:
-        raise ValueError(f"host {process_index} of {process_count} has no training files: "
-                         f"{len(files)} files cannot be split over {process_count} hosts")
+        raise cli.InputError(f"host {process_index} of {process_count} has no training files: "
+                             f"{len(files)} files cannot be split over {process_count} hosts")
     if deterministic:
         epoch_seed = _epoch_seed(seed, epoch)
     else:
@@ -263,7 +270,7 @@ def _check_exist(files: Sequence[str]) -> None:
     """Up front: tf.data would only fail at the first read, naming no file in the message."""
     for path in files:
         if not tf.io.gfile.exists(path):
-            raise FileNotFoundError(f"record file {path} does not exist")
+            raise cli.MissingInput(f"record file {path} does not exist")
 
 
 def _check_positive(**values: int) -> None:
@@ -332,14 +339,14 @@ def _numpy_batches(dataset: tf.data.Dataset, files: Sequence[str],
         except tf.errors.DataLossError as error:
             for path in files:
                 _count_records(path)  # raises naming the damaged file
-            raise ValueError(f"corrupt TFRecord data in {', '.join(files)}: "
-                             f"{_first_line(error)}") from error
+            raise cli.InputError(f"corrupt TFRecord data in {', '.join(files)}: "
+                                 f"{_first_line(error)}") from error
         except tf.errors.InvalidArgumentError as error:
-            raise ValueError(_bad_record_message(error, image_size, files)) from error
+            raise cli.InputError(_bad_record_message(error, image_size, files)) from error
         except UnicodeDecodeError as error:
             # TensorFlow quotes an unparsable record in its message, then fails to decode it.
-            raise ValueError(f"cannot parse records in {', '.join(files)}: a record is not "
-                             "a tf.train.Example") from error
+            raise cli.InputError(f"cannot parse records in {', '.join(files)}: a record is not "
+                                 "a tf.train.Example") from error
         yield batch
 
 
@@ -364,10 +371,10 @@ def _count_records(path: str) -> int:
     try:
         return int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1))
     except tf.errors.NotFoundError:
-        raise FileNotFoundError(f"record file {path} does not exist") from None
+        raise cli.MissingInput(f"record file {path} does not exist") from None
     except tf.errors.DataLossError as error:
-        raise ValueError(f"{path}: truncated or corrupt TFRecord file "
-                         f"({_first_line(error)})") from None
+        raise cli.InputError(f"{path}: truncated or corrupt TFRecord file "
+                             f"({_first_line(error)})") from None
 
 
 def _checked_train_batches(batches: Iterator[Batch], steps: int,
@@ -378,7 +385,7 @@ def _checked_train_batches(batches: Iterator[Batch], steps: int,
         produced += 1
         yield batch
     if produced < steps:
-        raise ValueError(f"no training examples in {', '.join(files)}")
+        raise cli.InputError(f"no training examples in {', '.join(files)}")
 
 
 def _padded_validation_batches(batches: Iterator[Batch], image_size: int, batch_size: int,
@@ -387,8 +394,9 @@ def _padded_validation_batches(batches: Iterator[Batch], image_size: int, batch_
     for batch in batches:
         produced += 1
         if num_batches is not None and produced > num_batches:
-            raise ValueError(f"validation files hold more than num_batches={num_batches} "
-                             f"batches of {batch_size}; are the counts in their names wrong?")
+            raise cli.InputError(f"validation files hold more than num_batches={num_batches} "
+                                 f"batches of {batch_size}; are the counts in their names "
+                                 "wrong?")
         yield _pad_batch(batch, batch_size)
     for _ in range(produced, num_batches or 0):
         yield _pad_batch(_empty_batch(image_size), batch_size)

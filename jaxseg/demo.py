@@ -16,17 +16,9 @@ from absl import flags
 
 from jaxseg import cli, paths
 
-_WORKDIR = flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
-_EPOCHS = flags.DEFINE_integer("epochs", 12, "Training epochs.")
-_FOLDS = flags.DEFINE_string("folds", "0", "Folds to train ('all' for every fold).")
-_NUM_TRAIN = flags.DEFINE_integer("num_train", 6, "Synthetic training slides.")
-_NUM_TEST = flags.DEFINE_integer("num_test", 2, "Synthetic test slides.")
-_SLIDE_SIZE = flags.DEFINE_integer("slide_size", 3000, "Synthetic slide side, full-res pixels.")
-
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.py"
-TILE_SIZE = 512   # full-resolution pixels per tile
+MODEL_TILE = 128  # pixels per tile at model scale, as prepare's and predict's --tile_size
 REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
-MODEL_TILE = TILE_SIZE // REDUCTION
 
 
 def run_stage(title: str, args: list[str], done: paths.Path) -> None:
@@ -40,28 +32,36 @@ def run_stage(title: str, args: list[str], done: paths.Path) -> None:
         raise SystemExit(completed.returncode)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if paths.is_remote(_WORKDIR.value):
-        raise ValueError(f"--workdir={_WORKDIR.value}: the demo makes its synthetic slides "
-                         "on a local disk; give a local directory")
-    root = paths.path(_WORKDIR.value)
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", "demo", "Directory for slides, tiles, run and results.")
+    flags.DEFINE_integer("epochs", 12, "Training epochs.")
+    flags.DEFINE_string("folds", "0", "Folds to train ('all' for every fold).")
+    flags.DEFINE_integer("num_train", 6, "Synthetic training slides.")
+    flags.DEFINE_integer("num_test", 2, "Synthetic test slides.")
+    flags.DEFINE_integer("slide_size", 3000, "Synthetic slide side, full-res pixels.")
+
+
+def main() -> None:
+    options = flags.FLAGS
+    if paths.is_remote(options.workdir):
+        raise cli.InputError(f"--workdir={options.workdir}: the demo makes its synthetic slides "
+                             "on a local disk; give a local directory")
+    root = paths.path(options.workdir)
     slides, tiles, run = root / "slides", root / "tiles", root / "run"
     submission = root / "submission.csv"
     run_stage("synthetic slides in the competition layout", [
-        "-m", "jaxseg.synthetic", f"--out_dir={slides}", f"--num_train={_NUM_TRAIN.value}",
-        f"--num_test={_NUM_TEST.value}", f"--height={_SLIDE_SIZE.value}",
-        f"--width={_SLIDE_SIZE.value}"], slides / "test_truth.csv")
+        "-m", "jaxseg.synthetic", f"--out_dir={slides}", f"--num_train={options.num_train}",
+        f"--num_test={options.num_test}", f"--height={options.slide_size}",
+        f"--width={options.slide_size}"], slides / "test_truth.csv")
     run_stage("tiles: 512 px windows reduced 4x, background dropped", [
-        "-m", "jaxseg.prepare", f"--data_dir={slides}", f"--out_dir={tiles}",
-        f"--tile_size={TILE_SIZE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
+        "-m", "jaxseg.prepare", f"--competition_dir={slides}", f"--out_dir={tiles}",
+        f"--tile_size={MODEL_TILE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
         tiles / "prepare.json")
     run_stage("K-fold training, Unet-efficientnetb0 (configs/cpu.py)", [
         "-m", "jaxseg.train", f"--config={CONFIG}", f"--workdir={run}",
         f"--config.data_dir={tiles}", f"--config.image_size={MODEL_TILE}",
-        "--config.num_folds=3", f"--config.folds={_FOLDS.value}",
-        f"--config.epochs={_EPOCHS.value}"], run / "summary.json")
+        "--config.num_folds=3", f"--config.folds={options.folds}",
+        f"--config.epochs={options.epochs}"], run / "summary.json")
     run_stage("whole-slide prediction of the test slides", [
         "-m", "jaxseg.predict", f"--workdir={run}", f"--images={slides / 'test' / '*.tiff'}",
         f"--out={submission}"], submission)
@@ -71,4 +71,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run_main(main)

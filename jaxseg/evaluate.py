@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from jaxseg import paths, rle, slides
+from jaxseg import cli, paths, rle, slides
 
 ID_COLUMN = "id"
 RLE_COLUMNS = ("predicted", "encoding")  # sample_submission.csv, train.csv
@@ -45,7 +45,7 @@ def read_rle_csv(path: str | os.PathLike) -> dict[str, str]:
     """{id: rle} of a `id,predicted` or `id,encoding` CSV."""
     path = paths.path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise cli.MissingInput(f"{path}: no such file")
     # A whole-slide RLE is far longer than the csv module's default field limit.
     csv.field_size_limit(2**31 - 1)
     with paths.open_text(path) as file:
@@ -53,14 +53,14 @@ def read_rle_csv(path: str | os.PathLike) -> dict[str, str]:
         header = next(reader, None)
         if (header is None or len(header) != 2 or header[0] != ID_COLUMN
                 or header[1] not in RLE_COLUMNS):
-            raise ValueError(f"{path}: header must be 'id,predicted' or 'id,encoding', "
-                             f"got {header}")
+            raise cli.InputError(f"{path}: header must be 'id,predicted' or 'id,encoding', "
+                                 f"got {header}")
         encodings: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             if len(row) != 2:
-                raise ValueError(f"{path}: line {line} has {len(row)} fields, expected 2")
+                raise cli.InputError(f"{path}: line {line} has {len(row)} fields, expected 2")
             if row[0] in encodings:
-                raise ValueError(f"{path}: id {row[0]!r} appears twice (line {line})")
+                raise cli.InputError(f"{path}: id {row[0]!r} appears twice (line {line})")
             encodings[row[0]] = row[1]
     return encodings
 
@@ -90,8 +90,8 @@ def find_masks(directory: str | os.PathLike) -> dict[str, paths.Path]:
     masks = {slides.image_id(path): path for path in sorted(directory.iterdir())
              if path.suffix.lower() in slides.IMAGE_SUFFIXES}
     if not masks:
-        raise FileNotFoundError(f"{directory}: no mask images "
-                                f"({', '.join(slides.IMAGE_SUFFIXES)})")
+        raise cli.MissingInput(f"{directory}: no mask images "
+                               f"({', '.join(slides.IMAGE_SUFFIXES)})")
     return masks
 
 
@@ -105,7 +105,7 @@ def image_shapes(pattern: str) -> dict[str, Shape]:
     """{image id: (height, width)} from the headers of the images matching a glob."""
     found = paths.glob(pattern)
     if not found:
-        raise FileNotFoundError(f"--images {pattern!r}: no files match")
+        raise cli.MissingInput(f"--images {pattern!r}: no files match")
     shapes = {}
     for path in found:
         with slides.open_slide(path) as slide:
@@ -128,14 +128,14 @@ def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
     """
     predictions = read_rle_csv(pred_csv)
     if not predictions:
-        raise ValueError(f"{pred_csv}: holds no predictions")
+        raise cli.InputError(f"{pred_csv}: holds no predictions")
     truth = paths.path(truth)
     masks = find_masks(truth) if truth.is_dir() else None
     true_rles = None if masks is not None else read_rle_csv(truth)
     truth_ids = list(masks if masks is not None else true_rles)
     strangers = sorted(set(predictions) - set(truth_ids))
     if strangers:
-        raise ValueError(f"{truth}: no truth for predicted ids {', '.join(strangers[:5])}")
+        raise cli.InputError(f"{truth}: no truth for predicted ids {', '.join(strangers[:5])}")
     evaluated = [image_id for image_id in truth_ids
                  if image_id in predictions or shapes is None or image_id in shapes]
     shapes = dict(shapes or {})
@@ -148,14 +148,14 @@ def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
         if masks is not None:
             true_mask = read_mask(masks[image_id])
             if image_id in shapes and tuple(shapes[image_id]) != true_mask.shape:
-                raise ValueError(f"{masks[image_id]}: mask is {true_mask.shape}, image "
-                                 f"{image_id} is {shapes[image_id]}")
+                raise cli.InputError(f"{masks[image_id]}: mask is {true_mask.shape}, image "
+                                     f"{image_id} is {shapes[image_id]}")
             counts = _counts_of_masks(rle.parse_named(predictions[image_id], true_mask.shape,
                                                       pred_csv, image_id), true_mask)
         else:
             if image_id not in shapes:
-                raise ValueError(f"image {image_id}: unknown image shape: give the images "
-                                 "with --images")
+                raise cli.InputError(f"image {image_id}: unknown image shape: give the images "
+                                     "with --images")
             counts = _counts_of_rles(
                 rle.parse_named(predictions[image_id], shapes[image_id], pred_csv, image_id),
                 rle.parse_named(true_rles[image_id], shapes[image_id], truth, image_id))
@@ -205,11 +205,9 @@ def define_flags() -> None:
                         "the prediction.")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = flags.FLAGS
     shapes = image_shapes(config.images) if config.images else None
     result = evaluate(config.pred, config.truth, shapes)

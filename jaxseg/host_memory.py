@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxseg import cli
+
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -108,7 +110,7 @@ def keep_freed_memory() -> bool:
     """
     switch = os.environ.get(SWITCH_VARIABLE, "auto")
     if switch not in ("auto", "0", "1"):
-        raise ValueError(f"{SWITCH_VARIABLE}={switch!r}: expected 0, 1 or unset")
+        raise cli.InputError(f"{SWITCH_VARIABLE}={switch!r}: expected 0, 1 or unset")
     if switch == "0" or (switch == "auto" and not jax_runs_on_cpu()):
         return False
     libc = _glibc()

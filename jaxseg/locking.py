@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Iterator
 
-from jaxseg import paths
+from jaxseg import cli, paths
 
 LOCK_NAME = ".jaxseg-lock.json"
 HEARTBEAT_S = 60.0
@@ -133,12 +133,12 @@ def acquire(directory: str | os.PathLike, purpose: str) -> dict:
             continue
         reason = "its lock file is unreadable" if not holder else why_stale(holder, time.time())
         if reason is None:
-            raise ValueError(f"{directory}: {_describe(holder, lock)}")
+            raise cli.InputError(f"{directory}: {_describe(holder, lock)}")
         print(f"warning: {directory}: taking over the lock of process {holder.get('pid')} "
               f"on host {holder.get('host')}: {reason}", file=sys.stderr, flush=True)
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
-    raise ValueError(f"{directory}: another command took the lock {lock} at the same time")
+    raise cli.InputError(f"{directory}: another command took the lock {lock} at the same time")
 
 
 def release(directory: str | os.PathLike, record: dict) -> None:

@@ -32,7 +32,7 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 def host_batch_size(per_device_batch_size: int) -> int:
     """Examples each host loads per step: its share of the global batch."""
     if per_device_batch_size < 1:
-        raise ValueError(f"config.per_device_batch_size must be >= 1, got {per_device_batch_size}")
+        raise ValueError(f"per_device_batch_size must be >= 1, got {per_device_batch_size}")
     return per_device_batch_size * jax.local_device_count()
 
 

@@ -13,15 +13,19 @@ tf.data still reads record files in buckets through TensorFlow itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob as glob_lib
 import io
+import json
 import os
 import secrets
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from etils import epath
+
+from jaxseg import cli
 
 # Read by epath when it first picks a backend, so it is set before any path is used.
 os.environ["EPATH_USE_TF"] = "false"
@@ -57,7 +61,7 @@ def glob(pattern: str) -> list[epath.Path]:
     if not wild:
         return [path(pattern)] if path(pattern).exists() else []
     if wild[0] < 3:
-        raise ValueError(f"{pattern}: wildcards are taken after the bucket name, not in it")
+        raise cli.InputError(f"{pattern}: wildcards are taken after the bucket name, not in it")
     root = path("/".join(parts[:wild[0]]))
     return sorted(root.glob("/".join(parts[wild[0]:])))
 
@@ -89,34 +93,64 @@ def publish(finished: str | os.PathLike, destination: str | os.PathLike) -> None
         shutil.copyfileobj(source, target)
 
 
+@dataclasses.dataclass
+class StagedFile:
+    """A local file being written (`path`) and where it goes when finished. The writer
+    may change `destination` when the name depends on what was written (a count), or
+    set it to None when there turned out to be nothing to publish."""
+    path: str
+    destination: epath.Path | None
+
+
+@contextlib.contextmanager
+def staged_file(destination: str | os.PathLike) -> Iterator[StagedFile]:
+    """The one way jaxseg writes an output file: written under a temporary name and
+    published whole when the block ends, removed if it fails, so a reader (or a resumed
+    run) never finds half a file.
+
+    The temporary name, `.NAME.<random>.tmp`, is unique to this writer, so two writers
+    never share one; it lies next to the destination on a local disk, where the final
+    move is a rename, and in the temp directory for a bucket.
+    """
+    destination = path(destination)
+    remote = is_remote(destination)
+    staging_dir = tempfile.gettempdir() if remote else destination.parent
+    staged = StagedFile(os.path.join(staging_dir, f".{destination.name}."
+                                                  f"{secrets.token_hex(8)}.tmp"), destination)
+    # O_EXCL: never another writer's file; 0o666 less the umask, as `open` would create.
+    os.close(os.open(staged.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield staged
+        if staged.destination is not None and remote:
+            publish(staged.path, staged.destination)
+        elif staged.destination is not None:
+            os.replace(staged.path, staged.destination)  # the same folder: a rename
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged.path)
+
+
 @contextlib.contextmanager
 def atomic_open(destination: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """A file that appears at `destination` whole when the block ends, and not at all if
-    it fails: a reader never sees half a file.
-
-    The file is written under a name unique to this writer (next to the destination on a
-    local disk, in the temp directory for a bucket), so two writers never share one.
-    """
-    destination = path(destination)
-    staging_dir = tempfile.gettempdir() if is_remote(destination) else destination.parent
-    staged = os.path.join(staging_dir, f".{destination.name}.{os.getpid()}."
-                                       f"{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never another writer's file; 0o666 less the umask, as `open` would create.
-    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, mode, **({} if "b" in mode else
-                                            {"encoding": "utf-8", "newline": ""})) as file:
-            yield file
-        publish(staged, destination)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staged)
+    it fails (see `staged_file`)."""
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with staged_file(destination) as staged, open(staged.path, mode, **text) as file:
+        yield file
 
 
 def atomic_write(destination: str | os.PathLike, content: str | bytes) -> None:
-    """Writes `content` whole or not at all (see `atomic_open`)."""
+    """Writes `content` whole or not at all (see `staged_file`)."""
     with atomic_open(destination, "wb" if isinstance(content, bytes) else "w") as file:
         file.write(content)
+
+
+def read_json(name: str | os.PathLike) -> Any:
+    """A JSON file jaxseg or the user wrote; one that does not parse is named."""
+    try:
+        return json.loads(path(name).read_text())
+    except json.JSONDecodeError as error:
+        raise cli.InputError(f"{name}: not valid JSON ({error})") from None
 
 
 def setup_emulator_env() -> None:

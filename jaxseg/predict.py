@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import functools
 import io
-import json
 import math
 import os
 import sys
@@ -28,28 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, compile_cache, convert, host_memory, models, parallel,
-                    paths, processes, slides, stitch)
+from jaxseg import (cli, compile_cache, host_memory, models, parallel, paths, processes, slides,
+                    stitch)
+from jaxseg.ensembles import SEED_REDUCTION, SEED_TILE_SIZE, Ensemble, load_ensemble
 
 TTA_MODES = ("none", "flips")
-# The seed's TFRecords: 2048 px of the slide downscaled to 512 px tiles.
-SEED_REDUCTION = 4
-SEED_TILE_SIZE = 512
 OVERLAY_MAX_SIDE = 2048
 _OVERLAY_COLOUR = np.array([255, 0, 0], np.float32)
 _OVERLAY_OPACITY = 0.45
 _OVERLAY_STRIP_PIXELS = 1 << 24
 _RLE_BLOCK_PIXELS = 1 << 25
-
-
-@dataclasses.dataclass
-class Ensemble:
-    """The models to average, and the scale and tile size they were trained at."""
-    model: models.Unet
-    variables: list[dict]
-    tile: int
-    reduction: int
-    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,141 +48,6 @@ class SlideOptions:
     batch_size: int       # windows per call of the predictor
     threshold: float
     continue_on_nan: bool = False
-
-
-def _read_json(path: paths.Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-
-
-def read_run_config(run_dir: paths.Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.json (not a jaxseg.train run "
-                                "directory)")
-    return _read_json(path)
-
-
-def run_reduction(run_dir: paths.Path | None) -> int | None:
-    """The reduction of the run's tiles, from the prepare.json that jaxseg.train keeps.
-
-    A run trained on records made elsewhere has none; the guess that follows is said,
-    since a wrong reduction predicts every slide at the wrong scale.
-    """
-    if run_dir is None:
-        return None
-    if not (run_dir / "prepare.json").is_file():
-        print(f"warning: {run_dir / 'prepare.json'} not found, so the tiles' reduction is "
-              f"unknown; assuming {SEED_REDUCTION} (the seed's). Give --reduction if the "
-              "run's tiles were made otherwise.", file=sys.stderr, flush=True)
-        return None
-    record = _read_json(run_dir / "prepare.json")
-    if "reduction" not in record:
-        raise ValueError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
-    return int(record["reduction"])
-
-
-def find_fold_dirs(run_dir: paths.Path, allow_unfinished: bool = False) -> list[paths.Path]:
-    """Folds with a best checkpoint, in fold order; a run may hold only some folds.
-
-    A fold whose training has not ended (a run in progress, or one that crashed) holds
-    a half-trained best model: mixed in, it would change the ensemble without a word.
-    It is left out, and named, unless `allow_unfinished`.
-    """
-    folds = {int(path.name.removeprefix("fold_")): path for path in run_dir.glob("fold_*")
-             if path.name.removeprefix("fold_").isdigit() and (path / "best").is_dir()}
-    if not folds:
-        raise FileNotFoundError(f"{run_dir}: no fold_K/best checkpoints")
-    fold_dirs = [folds[fold] for fold in sorted(folds)]
-    unfinished = [path for path in fold_dirs if not checkpoints.fold_finished(path)]
-    if not unfinished or allow_unfinished:
-        return fold_dirs
-    names = ", ".join(path.name for path in unfinished)
-    if len(unfinished) == len(fold_dirs):
-        raise ValueError(f"{run_dir}: no fold has finished training ({names} have no "
-                         f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds predicts "
-                         "from their best checkpoints so far")
-    print(f"warning: leaving out {names} of {run_dir}: training unfinished (no "
-          f"{checkpoints.FOLD_RESULT}); --allow_unfinished_folds includes them",
-          file=sys.stderr, flush=True)
-    return [path for path in fold_dirs if path not in unfinished]
-
-
-def describe_folds(fold_dirs: list[paths.Path]) -> str:
-    """The folds an ensemble averages, an unfinished one marked as such."""
-    return ", ".join(str(path) if checkpoints.fold_finished(path) else
-                     f"{path} (unfinished)" for path in fold_dirs)
-
-
-def check_variables(model: models.Unet, variables: dict, tile: int, source: str) -> None:
-    """A checkpoint of another backbone would fail deep inside XLA; say so up front."""
-    expected = jax.eval_shape(functools.partial(model.init, train=False),
-                              jax.random.PRNGKey(0), jnp.zeros((1, tile, tile, 3)))
-    if _leaf_shapes(variables) != _leaf_shapes(expected):
-        raise ValueError(f"{source}: variables do not fit a Unet-{model.backbone} "
-                         "(another backbone or model?)")
-
-
-def _leaf_shapes(tree: dict) -> dict[str, tuple[int, ...]]:
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def load_ensemble(workdir: str | None, checkpoint: str | None = None,
-                  keras_weights: str | None = None, tile_size: int | None = None,
-                  reduction: int | None = None,
-                  allow_unfinished_folds: bool = False) -> Ensemble:
-    """The models named by the flags; tile size and reduction from the run unless given.
-
-    `workdir` alone: every finished fold's best checkpoint. `checkpoint`: one fold
-    directory (its run directory is its parent unless `workdir` says otherwise).
-    `allow_unfinished_folds` takes folds whose training has not ended too.
-    `keras_weights`: weights converted by jaxseg.convert; without a run directory the
-    seed's 512 px tiles at 4x reduction are assumed.
-    """
-    if checkpoint and keras_weights:
-        raise ValueError("give --checkpoint or --keras_weights, not both")
-    run_dir = (paths.path(workdir) if workdir else
-               paths.path(checkpoint).parent if checkpoint else None)
-    if run_dir is None and not keras_weights:
-        raise ValueError("give --workdir (a training run), --checkpoint or --keras_weights")
-    if run_dir is not None and not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    config = read_run_config(run_dir) if run_dir is not None else {}
-    if keras_weights:
-        variables, meta = convert.load_converted(keras_weights)
-        variables_list, source = [variables], f"Keras weights {keras_weights}"
-        # normalize_input is true only for keras.applications weights, which normalised
-        # inside the model.
-        config = {**config, "backbone": meta["backbone"], "half_precision": False,
-                  "normalize_input": meta.get("normalize_input", False)}
-    else:
-        if checkpoint:
-            fold_dirs = [paths.path(checkpoint)]
-            if not (allow_unfinished_folds or checkpoints.fold_finished(checkpoint)):
-                raise ValueError(f"--checkpoint {checkpoint}: training of this fold has not "
-                                 f"finished (no {checkpoints.FOLD_RESULT}); "
-                                 "--allow_unfinished_folds predicts from its best so far")
-        else:
-            fold_dirs = find_fold_dirs(run_dir, allow_unfinished_folds)
-        variables_list = [checkpoints.load_best_variables(path) for path in fold_dirs]
-        source = describe_folds(fold_dirs)
-        if "backbone" not in config:
-            raise ValueError(f"{run_dir / 'config.json'}: has no 'backbone' field")
-    model = models.build_model(config)
-    tile = tile_size if tile_size is not None else config.get("image_size", SEED_TILE_SIZE)
-    if tile < models.INPUT_MULTIPLE or tile % models.INPUT_MULTIPLE:
-        raise ValueError(f"--tile_size must be a positive multiple of {models.INPUT_MULTIPLE}, "
-                         f"got {tile}")
-    if reduction is None:
-        reduction = run_reduction(run_dir) or SEED_REDUCTION
-    if reduction < 1:
-        raise ValueError(f"--reduction must be >= 1, got {reduction}")
-    for variables in variables_list:
-        check_variables(model, variables, tile, source)
-    return Ensemble(model, variables_list, tile, reduction, source)
 
 
 def _unchanged(x: jax.Array) -> jax.Array:
@@ -240,7 +92,7 @@ def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
     windows while the devices work.
     """
     if per_device_batch < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {per_device_batch}")
+        raise cli.InputError(f"--batch_size must be >= 1, got {per_device_batch}")
     if tta not in TTA_MODES:
         raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
     mesh = parallel.make_mesh(jax.local_devices())
@@ -308,8 +160,8 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
                 blend=options.blend, batch_size=options.batch_size, progress=bar.update,
                 on_not_finite=not_finite.append if options.continue_on_nan else None)
         except FloatingPointError as error:
-            raise FloatingPointError(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
-                                     "scale); stopped") from None
+            raise cli.Diverged(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
+                               "scale); stopped") from None
     if not_finite:
         print(f"warning: {slide.path}: {len(not_finite)} of {grid.num_windows} windows had "
               f"NaN or infinite probabilities, counted as background (pixels at "
@@ -378,12 +230,12 @@ def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int,
 def find_images(pattern: str) -> list[paths.Path]:
     found = paths.glob(pattern)
     if not found:
-        raise FileNotFoundError(f"--images {pattern!r}: no files match")
+        raise cli.MissingInput(f"--images {pattern!r}: no files match")
     ids = [slides.image_id(path) for path in found]
     duplicates = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
     if duplicates:
-        raise ValueError(f"--images {pattern!r}: several files share the id "
-                         f"{duplicates[0]!r} (ids are file names without extension)")
+        raise cli.InputError(f"--images {pattern!r}: several files share the id "
+                             f"{duplicates[0]!r} (ids are file names without extension)")
     return found
 
 
@@ -442,12 +294,11 @@ def define_flags() -> None:
     flags.DEFINE_string("images", None, "Glob of slides or tiles (TIFF, PNG, JPEG).",
                         required=True)
     flags.DEFINE_string("out", "submission.csv", "Submission CSV to write (id,predicted).")
-    flags.DEFINE_integer("reduction", None, "Downscale factor of the training tiles; "
-                         f"default from RUN/prepare.json, else {SEED_REDUCTION} (the seed).")
-    flags.DEFINE_integer("tile_size", None, "Window size at model scale; default the "
-                         f"run's image_size, else {SEED_TILE_SIZE}.")
-    flags.DEFINE_float("overlap", 0.25, "Overlap of neighbouring windows, as a fraction "
-                       "of the window.")
+    cli.define_tiling_flags(
+        tile_size=None, reduction=None, overlap=0.25,
+        tile_size_note=f" Default: the run's image_size, else {SEED_TILE_SIZE}.",
+        reduction_note=f" Default: the training tiles' (RUN/prepare.json), else "
+                       f"{SEED_REDUCTION} (the seed's).")
     flags.DEFINE_enum("blend", "center", list(stitch.BLENDS), "How overlapping windows "
                       "combine: keep each window's centre, or Gaussian weights.")
     flags.DEFINE_enum("tta", "flips", list(TTA_MODES), "Test-time augmentation: none, or "
@@ -465,17 +316,14 @@ def define_flags() -> None:
     compile_cache.define_flags()
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
     host_memory.keep_freed_memory()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
     config = flags.FLAGS
-    if not 0 <= config.overlap < 1:
-        raise ValueError(f"--overlap must be a fraction in [0, 1), got {config.overlap}")
+    overlap = cli.overlap_fraction(config.overlap)
     images = find_images(config.images)
     check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
@@ -488,7 +336,7 @@ def main(argv: list[str]) -> None:
             np.zeros((global_batch, ensemble.tile, ensemble.tile, 3), np.uint8)))
         host_memory.guard_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
-                           overlap=round(config.overlap * ensemble.tile), blend=config.blend,
+                           overlap=round(overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold,
                            continue_on_nan=config.continue_on_nan)
     if processes.is_main():

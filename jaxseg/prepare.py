@@ -1,6 +1,6 @@
 """Cuts slides into the recipe's TFRecord tiles.
 
-    python -m jaxseg.prepare --data_dir=COMPETITION_DIR --out_dir=TILES_DIR
+    python -m jaxseg.prepare --competition_dir=COMPETITION_DIR --out_dir=TILES_DIR
     python -m jaxseg.prepare --images=DIR --masks=DIR --out_dir=TILES_DIR
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
@@ -12,11 +12,12 @@ slides: {id: count}, skipped_slides: [id]}: training checks its files against it
 prediction reads the reduction from it. A slide none of whose tiles passes the
 background filter is skipped with a warning: it has no record file.
 
-Tiling: a grid of --tile_size full-resolution windows, --overlap apart (pixels, or a
-fraction of the tile when below 1), covers every pixel; the slide is padded with zeros
-split evenly on both sides (as iafoss's HuBMAP tiling notebook, which the seed's
-dataset follows, does). Each window is shrunk --reduction times by area averaging
-(the mask: True where at least half of the block is).
+Tiling: --tile_size is the tile at model scale, as in predict (512, the recipe's); a
+grid of full-resolution windows of tile_size * reduction pixels, overlapping by the
+fraction --overlap, covers every pixel; the slide is padded with zeros split evenly on
+both sides (as iafoss's HuBMAP tiling notebook, which the seed's dataset follows,
+does). Each window is shrunk --reduction times by area averaging (the mask: True where
+at least half of the block is). prepare.json records the full-resolution sizes.
 
 Background filter (the same rule as that notebook, applied to the reduced tile):
 a tile is kept only if more than --min_pixels of its pixels have an 8-bit HSV
@@ -60,8 +61,8 @@ from tqdm import tqdm
 
 from jaxseg import cli, locking, paths, records, rle
 from jaxseg.rle import RleMask
-from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_TILE_SIZE, TIFF_SUFFIXES, MaskImage, Slide, \
-    downscale_area, image_id, open_mask, open_slide
+from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, TIFF_SUFFIXES, \
+    MaskImage, Slide, downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
 _STAGING_PREFIX = ".prepare-staging-"
@@ -72,21 +73,21 @@ PADDING = "zeros, split evenly before and after"
 
 @dataclass(frozen=True)
 class TilingConfig:
-    tile_size: int = RECIPE_TILE_SIZE
-    reduction: int = 4
-    overlap: int = 0
+    tile_size: int = RECIPE_TILE_SIZE   # full-resolution pixels
+    reduction: int = RECIPE_REDUCTION
+    overlap: int = 0                    # full-resolution pixels
     saturation_threshold: int = 40
     min_pixels: int | None = None       # None: default_min_pixels of the reduced size
 
     def __post_init__(self):
         if self.tile_size < 1 or self.reduction < 1:
-            raise ValueError("tile_size and reduction must be positive")
+            raise cli.InputError("tile_size and reduction must be positive")
         if self.tile_size % self.reduction:
-            raise ValueError(f"tile_size {self.tile_size} is not divisible by reduction "
-                             f"{self.reduction}")
+            raise cli.InputError(f"tile_size {self.tile_size} is not divisible by reduction "
+                                 f"{self.reduction}")
         if not 0 <= self.overlap < self.tile_size:
-            raise ValueError(f"overlap {self.overlap} must be >= 0 and below tile_size "
-                             f"{self.tile_size}")
+            raise cli.InputError(f"overlap {self.overlap} must be >= 0 and below tile_size "
+                                 f"{self.tile_size}")
         if self.min_pixels is None:
             object.__setattr__(self, "min_pixels",
                                default_min_pixels(self.tile_size // self.reduction))
@@ -98,12 +99,8 @@ def default_min_pixels(reduced_size: int) -> int:
 
 
 def overlap_pixels(overlap: float, tile_size: int) -> int:
-    """--overlap as full-resolution pixels: values below 1 are a fraction of the tile."""
-    if 0 < overlap < 1:
-        return round(overlap * tile_size)
-    if overlap != int(overlap):
-        raise ValueError(f"overlap {overlap} must be a fraction below 1 or whole pixels")
-    return int(overlap)
+    """--overlap (a fraction of the tile) as full-resolution pixels."""
+    return round(cli.overlap_fraction(overlap) * tile_size)
 
 
 def grid_starts(length: int, tile_size: int, overlap: int) -> list[int]:
@@ -173,12 +170,13 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
     data_dir = paths.path(data_dir)
     slide_paths = _images_by_id(data_dir / "train", TIFF_SUFFIXES)
     if not slide_paths:
-        raise FileNotFoundError(f"{data_dir / 'train'}: no .tiff slides found")
+        raise cli.MissingInput(f"{data_dir / 'train'}: no .tiff slides found")
     encodings = _read_encodings(data_dir / "train.csv")
     jobs = []
     for slide_id, path in slide_paths.items():
         if slide_id not in encodings:
-            raise ValueError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} ({path})")
+            raise cli.InputError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} "
+                                 f"({path})")
         height, width = _slide_size(path)
         mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
                                slide_id)
@@ -192,11 +190,11 @@ def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> l
     images = _images_by_id(paths.path(images_dir), IMAGE_SUFFIXES)
     masks = _images_by_id(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+        raise cli.MissingInput(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
     jobs = []
     for slide_id, path in images.items():
         if slide_id not in masks:
-            raise FileNotFoundError(f"{masks_dir}: no mask for image {path.name}")
+            raise cli.MissingInput(f"{masks_dir}: no mask for image {path.name}")
         with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
             _check_same_size(str(masks[slide_id]), mask, slide)
         jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width,
@@ -266,9 +264,9 @@ def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
     # A slide without tissue would make an empty record file, which training rejects.
     skipped = [job for job in jobs if not counts[job.slide_id]]
     if len(skipped) == len(jobs):
-        raise ValueError(f"no tile of any slide passes the background filter "
-                         f"(saturation > {config.saturation_threshold} on more than "
-                         f"{config.min_pixels} pixels): nothing to train on")
+        raise cli.InputError(f"no tile of any slide passes the background filter "
+                             f"(saturation > {config.saturation_threshold} on more than "
+                             f"{config.min_pixels} pixels): nothing to train on")
     for job in skipped:
         print(f"warning: {job.image_path}: no tile passes the background filter; slide "
               f"{job.slide_id} is skipped (no record file)", file=sys.stderr, flush=True)
@@ -382,10 +380,10 @@ def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
                     if path.name.endswith(records.RECORD_SUFFIX)
                     and _slide_of_record(path.name) not in slide_ids)
     if others:
-        raise ValueError(f"{out_dir}: holds records of slides this run does not prepare "
-                         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
-                         "training would mix them with this tiling: give an empty "
-                         "--out_dir, or prepare those slides too")
+        raise cli.InputError(f"{out_dir}: holds records of slides this run does not prepare "
+                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                             "training would mix them with this tiling: give an empty "
+                             "--out_dir, or prepare those slides too")
 
 
 def _slide_of_record(name: str) -> str | None:
@@ -407,17 +405,17 @@ def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> 
 
 def _read_encodings(csv_path: paths.Path) -> dict[str, str]:
     if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path}: no such file")
+        raise cli.MissingInput(f"{csv_path}: no such file")
     csv.field_size_limit(2 ** 31 - 1)   # whole-slide RLEs are tens of megabytes
     with paths.open_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         if not {"id", "encoding"} <= set(reader.fieldnames or ()):
-            raise ValueError(f"{csv_path}: expected columns id,encoding, got "
-                             f"{','.join(reader.fieldnames or ())}")
+            raise cli.InputError(f"{csv_path}: expected columns id,encoding, got "
+                                 f"{','.join(reader.fieldnames or ())}")
         encodings = {}
         for row in reader:
             if row["id"] in encodings:
-                raise ValueError(f"{csv_path}: id {row['id']} appears twice")
+                raise cli.InputError(f"{csv_path}: id {row['id']} appears twice")
             encodings[row["id"]] = row["encoding"] or ""
     return encodings
 
@@ -426,23 +424,23 @@ def _images_by_id(directory: paths.Path, suffixes: tuple[str, ...]
                     ) -> dict[str, paths.Path]:
     """{id: path}, sorted; two files of one id would write the same records."""
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
+        raise cli.MissingInput(f"{directory}: no such directory")
     found = {}
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in suffixes:
             continue
         slide_id = image_id(path)
         if slide_id in found:
-            raise ValueError(f"{directory}: two files named {slide_id} "
-                             f"({found[slide_id].name}, {path.name})")
+            raise cli.InputError(f"{directory}: two files named {slide_id} "
+                                 f"({found[slide_id].name}, {path.name})")
         found[slide_id] = path
     return found
 
 
 def _check_same_size(mask_name: str, mask: RleMask | MaskImage, slide: Slide) -> None:
     if (mask.height, mask.width) != (slide.height, slide.width):
-        raise ValueError(f"{mask_name}: mask is {mask.height} x {mask.width} but the image "
-                         f"{slide.path.name} is {slide.height} x {slide.width}")
+        raise cli.InputError(f"{mask_name}: mask is {mask.height} x {mask.width} but the image "
+                             f"{slide.path.name} is {slide.height} x {slide.width}")
 
 
 def _slide_size(path: paths.Path) -> tuple[int, int]:
@@ -450,18 +448,14 @@ def _slide_size(path: paths.Path) -> tuple[int, int]:
         return slide.height, slide.width
 
 
-def _define_flags() -> None:
-    """Flags are defined only when run as a program, so that importing this module next
-    to other jaxseg programs (tests) cannot clash on flag names."""
-    flags.DEFINE_string("data_dir", None, "Competition directory with train/ and train.csv.")
-    flags.DEFINE_string("images", None, "Directory of images (instead of --data_dir).")
+def define_flags() -> None:
+    flags.DEFINE_string("competition_dir", None, "Competition directory with train/ and "
+                        "train.csv.")
+    flags.DEFINE_string("images", None, "Directory of images (instead of --competition_dir).")
     flags.DEFINE_string("masks", None, "Directory of binary masks named like --images.")
     flags.DEFINE_string("out_dir", None, "Directory for <id>-<count>.tfrec and prepare.json.")
-    flags.DEFINE_integer("tile_size", RECIPE_TILE_SIZE, "Tile size in full-resolution "
-                         "pixels.")
-    flags.DEFINE_integer("reduction", 4, "Downscale factor: tiles are tile_size/reduction.")
-    flags.DEFINE_float("overlap", 0, "Overlap of neighbouring tiles: full-resolution "
-                       "pixels, or a fraction of tile_size when below 1.")
+    cli.define_tiling_flags(tile_size=RECIPE_TILE_SIZE // RECIPE_REDUCTION,
+                            reduction=RECIPE_REDUCTION, overlap=0)
     flags.DEFINE_integer("saturation_threshold", 40, "A pixel is tissue when its HSV "
                          "saturation (0-255) exceeds this.")
     flags.DEFINE_integer("min_pixels", -1, "Keep a tile only if it has more tissue pixels "
@@ -471,21 +465,23 @@ def _define_flags() -> None:
                          "slide up to the number of cores.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     options = flags.FLAGS
     if not options.out_dir:
-        raise ValueError("--out_dir is required")
-    if bool(options.data_dir) == bool(options.images):
-        raise ValueError("give either --data_dir or --images (with --masks)")
+        raise cli.InputError("--out_dir is required")
+    if bool(options.competition_dir) == bool(options.images):
+        raise cli.InputError("give either --competition_dir or --images (with --masks)")
     if options.images and not options.masks:
-        raise ValueError("--images needs --masks")
+        raise cli.InputError("--images needs --masks")
+    if options.tile_size < 1 or options.reduction < 1:
+        raise cli.InputError("--tile_size and --reduction must be positive")
+    full_tile = options.tile_size * options.reduction
     config = TilingConfig(
-        tile_size=options.tile_size, reduction=options.reduction,
-        overlap=overlap_pixels(options.overlap, options.tile_size),
+        tile_size=full_tile, reduction=options.reduction,
+        overlap=overlap_pixels(options.overlap, full_tile),
         saturation_threshold=options.saturation_threshold,
         min_pixels=options.min_pixels if options.min_pixels >= 0 else None)
-    jobs = (competition_jobs(options.data_dir) if options.data_dir
+    jobs = (competition_jobs(options.competition_dir) if options.competition_dir
             else image_jobs(options.images, options.masks))
     summary = prepare(jobs, options.out_dir, config, options.workers)
     print(f"{sum(summary['slides'].values())} tiles of "
@@ -494,5 +490,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run_main(main)

@@ -70,7 +70,7 @@ def join_from_flags() -> None:
     explicit = tuple(flags.FLAGS[name].value for name in _JOIN_FLAGS)
     if any(value is not None for value in explicit):
         if any(value is None for value in explicit):
-            raise ValueError(f"--{', --'.join(_JOIN_FLAGS)} go together")
+            raise cli.InputError(f"--{', --'.join(_JOIN_FLAGS)} go together")
         join(*explicit)
     elif flags.FLAGS.multihost:
         join(None, None, None)

@@ -14,6 +14,7 @@ from typing import Iterable
 
 import numpy as np
 
+from jaxseg import paths
 from jaxseg.tensorflow_quiet import tf
 
 RECORD_SUFFIX = ".tfrec"
@@ -46,27 +47,19 @@ def count_from_name(path: str | os.PathLike) -> int | None:
 
 def write_records(out_dir: str | os.PathLike, slide_id: str,
                   tiles: Iterable[tuple[np.ndarray, np.ndarray]]) -> Path | None:
-    """Writes `<id>-<count>.tfrec` atomically; None, and no file, when there are no tiles
-    (training rejects an empty record file).
-
-    The count is only known at the end, so tiles stream into a hidden temporary file
-    that is renamed once complete: an interrupted run never leaves a partial record
-    file that training would pick up.
+    """Writes `<id>-<count>.tfrec` whole or not at all (`paths.staged_file`: an
+    interrupted run never leaves a partial record file that training would pick up);
+    None, and no file, when there are no tiles (training rejects an empty record file).
+    The count, and so the name, is known only once the tiles are written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_dir / f".{slide_id}.tfrec.partial"
     count = 0
-    try:
-        with tf.io.TFRecordWriter(str(tmp_path)) as writer:
+    with paths.staged_file(out_dir / f"{slide_id}{RECORD_SUFFIX}") as staged:
+        with tf.io.TFRecordWriter(staged.path) as writer:
             for image, mask in tiles:
                 writer.write(serialize_example(image, mask))
                 count += 1
-        if not count:
-            return None
-        final_path = out_dir / record_name(slide_id, count)
-        os.replace(tmp_path, final_path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        final_path = out_dir / record_name(slide_id, count) if count else None
+        staged.destination = paths.path(final_path) if final_path else None
     return final_path

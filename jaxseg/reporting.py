@@ -50,6 +50,20 @@ def compile_log() -> Iterator[dict[str, list[float]]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)")
+
+
+def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each step program's compilations (one each for a whole run of folds, two for the
+    train step when the encoder is frozen for some epochs), and all other small programs
+    together; and the programs read back from the compilation cache."""
+    named = (*STEP_PROGRAMS, CACHE_RETRIEVALS)
+    summary = {name: compile_seconds[name] for name in named if name in compile_seconds}
+    summary["other"] = [round(sum(sum(seconds) for name, seconds in compile_seconds.items()
+                                  if name not in named), 2)]
+    return summary
+
+
 def plot_curves(history: dict[str, list[float]], path: str | os.PathLike, title: str) -> None:
     """The recipe's figure: train/val Dice on the left axis, losses on the right, with the
     best validation Dice and the lowest validation loss marked."""

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from jaxseg import cli
+
 # Pixels processed per block: bounds the temporaries of encode/decode to ~64 MB.
 _BLOCK_PIXELS = 1 << 26
 # A Python loop fills one piece in about the time a cumulative sum takes for this many
@@ -63,7 +65,7 @@ def parse_named(rle: str, shape: tuple[int, int], source: str | os.PathLike,
     try:
         return RleMask(rle, shape)
     except ValueError as error:
-        raise ValueError(f"{source}, id {image_id}: {error}") from None
+        raise cli.InputError(f"{source}, id {image_id}: {error}") from None
 
 
 def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:

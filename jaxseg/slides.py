@@ -25,17 +25,19 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from jaxseg import paths
+from jaxseg import cli, paths
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES
 # Extensions of more than one part: the OME-TIFF of `x.ome.tiff` is image `x`.
 _COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff")
-# The recipe's tiles are 2048 px at full resolution. PNG/JPEG files are tiles decoded
-# whole, so the largest taken is four tiles a side (192 MB as RGB), which stays below
-# Pillow's own decompression-bomb limit; a larger image belongs in a TIFF, read by window.
+# The recipe's tiles are 2048 px at full resolution, reduced 4 times to the 512 px the
+# network sees. PNG/JPEG files are tiles decoded whole, so the largest taken is four
+# tiles a side (192 MB as RGB), which stays below Pillow's own decompression-bomb limit;
+# a larger image belongs in a TIFF, read by window.
 RECIPE_TILE_SIZE = 2048
+RECIPE_REDUCTION = 4
 MAX_PICTURE_PIXELS = (4 * RECIPE_TILE_SIZE) ** 2
 
 # PIL modes whose pixels are a single value; other modes are converted to RGB.
@@ -91,7 +93,7 @@ class Slide(_Window):
             problem = "has 2 channels, expected RGB (3) or grey (1)"
         if problem:
             planes.close()
-            raise ValueError(f"{path}: {problem}")
+            raise cli.InputError(f"{path}: {problem}")
         # Grey is replicated; extra channels (alpha) are dropped, without a copy.
         self._channels = [0, 0, 0] if planes.num_planes == 1 else slice(0, 3)
 
@@ -167,14 +169,14 @@ def downscale_area(image: np.ndarray, factor: int) -> np.ndarray:
 
 def _open_planes(path: paths.Path, for_mask: bool) -> _Planes:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise cli.MissingInput(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
         return _TiffPlanes(path)
     if suffix in PICTURE_SUFFIXES:
         return _PicturePlanes(path, for_mask)
-    raise ValueError(f"{path}: unsupported image type {suffix!r}, expected one of "
-                     f"{', '.join(IMAGE_SUFFIXES)}")
+    raise cli.InputError(f"{path}: unsupported image type {suffix!r}, expected one of "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
 
 
 class _PicturePlanes:
@@ -195,11 +197,12 @@ class _PicturePlanes:
             except (Image.DecompressionBombWarning, Image.DecompressionBombError):
                 pass
             except (OSError, ValueError) as error:
-                raise ValueError(f"{path}: unreadable image ({_first_line(error)})") from None
+                raise cli.InputError(
+                    f"{path}: unreadable image ({_first_line(error)})") from None
         if pixels is None:
-            raise ValueError(f"{path}: more than {MAX_PICTURE_PIXELS:,} pixels, the most a "
-                             "PNG/JPEG may hold here (it is decoded whole); save a larger "
-                             "image as TIFF, which is read by window")
+            raise cli.InputError(f"{path}: more than {MAX_PICTURE_PIXELS:,} pixels, the most a "
+                                 "PNG/JPEG may hold here (it is decoded whole); save a larger "
+                                 "image as TIFF, which is read by window")
         self._pixels = pixels
         self.height, self.width, self.num_planes = pixels.shape
         self.dtype = pixels.dtype
@@ -221,7 +224,7 @@ class _TiffPlanes:
             self._tiff = tifffile.TiffFile(self._remote_file or os.fspath(path))
         except Exception as error:  # tifffile raises many types for corrupt files
             self._close_remote_file()
-            raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
+            raise cli.InputError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
         try:
             pages = self._base_pages()
             _check_complete(pages, self._tiff.filehandle.size)
@@ -229,7 +232,7 @@ class _TiffPlanes:
                              else _SegmentPage(page) for page in pages]
         except Exception as error:
             self.close()
-            raise ValueError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
+            raise cli.InputError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
         self.path = path
         self.height, self.width = pages[0].imagelength, pages[0].imagewidth
         self.dtype = pages[0].dtype
@@ -268,10 +271,10 @@ class _TiffPlanes:
         try:
             windows = [reader.read(y0, y1, x0, x1) for reader in self._readers]
         except _SegmentError as error:
-            raise ValueError(f"{self.path}: {error}") from None
+            raise cli.InputError(f"{self.path}: {error}") from None
         except Exception as error:  # a file changed since it was opened, a failing disk
-            raise ValueError(f"{self.path}: cannot read rows {y0}:{y1}, cols {x0}:{x1} "
-                             f"({_first_line(error)})") from None
+            raise cli.InputError(f"{self.path}: cannot read rows {y0}:{y1}, cols {x0}:{x1} "
+                                 f"({_first_line(error)})") from None
         return np.stack([windows[r][s, :, :, c] for r, s, c in self._sources], axis=-1)
 
     def close(self) -> None:

@@ -484,9 +484,7 @@ def _tiles(scene: Scene) -> Iterator[np.ndarray]:
                 yield band[ty:ty + _TIFF_TILE, tx:tx + _TIFF_TILE]
 
 
-def _define_flags() -> None:
-    """Defined only when run as a program, so that importing this module next to other
-    jaxseg programs (tests) cannot clash on flag names."""
+def define_flags() -> None:
     flags.DEFINE_string("out_dir", None, "Directory to write the dataset into.")
     flags.DEFINE_integer("num_train", 6, "Training slides (train/, train.csv).")
     flags.DEFINE_integer("num_test", 2, "Test slides (test/, test_truth.csv).")
@@ -499,11 +497,10 @@ def _define_flags() -> None:
     flags.DEFINE_float("max_radius", 110, "Largest glomerulus radius, full-res pixels.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     options = flags.FLAGS
     if not options.out_dir:
-        raise ValueError("--out_dir is required")
+        raise cli.InputError("--out_dir is required")
     summary = make_dataset(options.out_dir, options.num_train, options.num_test,
                            options.height, options.width, options.seed,
                            options.glomeruli_per_mpx, (options.min_radius, options.max_radius))
@@ -514,5 +511,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     cli.run_main(main)

@@ -27,13 +27,11 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, compile_cache, data, host_memory, locking, models,
-                    parallel, paths, processes, reporting, steps)
+from jaxseg import (checkpoints, cli, compile_cache, config_checks, data, host_memory, locking,
+                    models, parallel, paths, processes, reporting, run_files, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
+from jaxseg.progress import HISTORY_KEYS, EpochProgress, FoldProgress
 
-TRAIN_METRICS = ("loss", "dice_coe", "accuracy")
-HISTORY_KEYS = ("epoch", "loss", "dice_coe", "accuracy", "val_loss", "val_dice_coe",
-                "val_accuracy", "val_per_image_dice", "lr")
 # Fields a resumed run may change: extending training, choosing other folds, and how layers
 # are computed (never what they compute; absent from runs made before these fields).
 RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat")
@@ -50,64 +48,15 @@ def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
     def check_meta() -> None:
         meta = convert.read_meta(config.init_from)
         if meta.get("backbone") != config.backbone:
-            raise ValueError(f"config.init_from: {config.init_from} holds "
-                             f"{meta.get('backbone')} weights, config.backbone is "
-                             f"{config.backbone}")
+            raise cli.InputError(f"config.init_from: {config.init_from} holds "
+                                 f"{meta.get('backbone')} weights, config.backbone is "
+                                 f"{config.backbone}")
         if meta.get("normalize_input", False) != config.normalize_input:
-            raise ValueError(f"config.normalize_input: the weights in {config.init_from} "
-                             f"expect normalize_input={meta.get('normalize_input', False)}")
+            raise cli.InputError(f"config.normalize_input: the weights in {config.init_from} "
+                                 f"expect normalize_input={meta.get('normalize_input', False)}")
 
     processes.decided_by_main(check_meta)
     return convert.load_converted(config.init_from)[0]
-
-
-def parse_folds(folds: str, num_folds: int) -> list[int]:
-    if str(folds).strip().lower() == "all":
-        return list(range(num_folds))
-    try:
-        chosen = [int(part) for part in str(folds).split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"config.folds: expected 'all' or a list like '0,2', got {folds!r}")
-    bad = [fold for fold in chosen if not 0 <= fold < num_folds]
-    if bad or not chosen:
-        raise ValueError(f"config.folds: {folds!r} is not a list of folds in 0..{num_folds - 1}")
-    return chosen
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    if not config.data_dir:
-        raise ValueError("config.data_dir is empty: give --config.data_dir=DIR of .tfrec files")
-    if config.backbone not in models.BACKBONES:
-        raise ValueError(f"config.backbone: unknown {config.backbone!r}, "
-                         f"expected one of {', '.join(models.BACKBONES)}")
-    if config.image_size <= 0 or config.image_size % 32:
-        raise ValueError(f"config.image_size: {config.image_size} is not a positive multiple "
-                         "of 32 (the Unet halves it five times)")
-    if config.epochs < 1:
-        raise ValueError(f"config.epochs must be >= 1, got {config.epochs}")
-    if config.loss not in ("dice", "bce_dice"):
-        raise ValueError(f"config.loss: unknown {config.loss!r}, expected 'dice' or 'bce_dice'")
-    if config.num_folds < 2:
-        raise ValueError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
-    if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
-        raise ValueError(f"config.plateau_factor must be in (0, 1), got {config.plateau_factor}")
-
-
-def check_record_files(files: list[str], image_size: int) -> None:
-    """Reads the first record of every file before anything is compiled or written, so
-    that records of another tile size, an empty file or one that is not a TFRecord stop
-    the run at once, naming the file. Damage further into a file (a truncated copy)
-    surfaces when training reads it, and `data` names the file then too."""
-    for path in files:
-        if next(data.validation_batches([path], image_size=image_size, batch_size=1),
-                None) is None:
-            raise ValueError(f"{path}: holds no records")
-
-
-def holds_progress(workdir: paths.Path) -> bool:
-    """Whether an earlier attempt finished a fold or saved a fold's state."""
-    return any(checkpoints.fold_finished(fold_dir) or checkpoints.has_latest(fold_dir)
-               for fold_dir in workdir.glob("fold_*"))
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path) -> None:
@@ -115,13 +64,14 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path)
     settings; one that an attempt left before its first checkpoint (killed while
     compiling, say) is taken over."""
     path = workdir / "config.json"
-    if not (path.exists() and holds_progress(workdir)):
+    if not (path.exists() and run_files.holds_progress(workdir)):
         return
-    previous, current = json.loads(path.read_text()), json.loads(config.to_json_best_effort())
+    previous, current = paths.read_json(path), json.loads(config.to_json_best_effort())
     for key in sorted(set(previous) | set(current)):
         if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
-            raise ValueError(f"{workdir}: holds a run with config.{key}={previous.get(key)!r}, "
-                             f"this one has {current.get(key)!r}; use another --workdir")
+            raise cli.InputError(f"{workdir}: holds a run with config.{key}="
+                                 f"{previous.get(key)!r}, this one has {current.get(key)!r}; "
+                                 "use another --workdir")
 
 
 @dataclasses.dataclass
@@ -146,18 +96,7 @@ def raise_if_not_finite(values: dict[str, float], name: str, where: str,
     """A diverged run stops before its state reaches a checkpoint: the latest checkpoint
     is saved after validation, which a non-finite loss never passes."""
     if not math.isfinite(values[name]):
-        raise FloatingPointError(f"{where}: {name} is {values[name]}; stopped, {last_good}")
-
-
-@dataclasses.dataclass
-class EpochProgress:
-    """How far an epoch got: what a preemption checkpoint keeps to resume inside it."""
-    steps_done: int = 0
-    totals: dict[str, float] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(TRAIN_METRICS, 0.0))
-
-    def means(self, steps_per_epoch: int) -> dict[str, float]:
-        return {name: total / max(steps_per_epoch, 1) for name, total in self.totals.items()}
+        raise cli.Diverged(f"{where}: {name} is {values[name]}; stopped, {last_good}")
 
 
 class Preempted(Exception):
@@ -222,11 +161,40 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dic
         dice_sum += float(metrics["per_image_dice_sum"])
         examples += count
     if examples == 0:
-        raise ValueError("validation files hold no examples")
+        raise cli.InputError("validation files hold no examples")
     result = {name: value / examples for name, value in weighted.items()}
     result["val_per_image_dice"] = dice_sum / examples
     result["num_val_examples"] = int(examples)
     return result
+
+
+def fold_seed(config: ml_collections.ConfigDict, fold: int) -> int:
+    """Each fold's model initialisation and data order, apart from the other folds'."""
+    return config.seed + 1000 * fold
+
+
+def start_fold(config: ml_collections.ConfigDict, fold: int, ckpt: checkpoints.FoldCheckpoints,
+               model: models.Unet, compiled: steps.CompiledSteps, init_weights: dict | None
+               ) -> tuple[steps.TrainState, FoldProgress]:
+    """A fresh model (as the recipe rebuilds it for each fold: the converted weights,
+    else random ones) and progress, or the state and progress the previous attempt left."""
+    seed = fold_seed(config, fold)
+    host_state = jax.device_get(compiled.create_state(
+        models.init_variables(model, seed) if init_weights is None else init_weights,
+        seed=seed))
+    resume_point = checkpoints.ResumePoint(**processes.decided_by_main(
+        lambda: dataclasses.asdict(ckpt.resume_point())))
+    restored = ckpt.restore(resume_point, host_state)
+    if restored is None:
+        return host_state, FoldProgress(lr=config.learning_rate)
+    host_state, saved = restored
+    progress = FoldProgress.from_json(processes.decided_by_main(lambda: saved),
+                                      ckpt.fold_dir / resume_point.kind)
+    position = (f"epoch {progress.epochs_done + 1} at step {progress.epoch.steps_done + 1}"
+                if progress.epoch.steps_done else f"after epoch {progress.epochs_done}")
+    processes.report(f"fold {fold}: resuming {position} (lr {progress.lr:g}, best "
+                     f"val_dice_coe {progress.early_stopping.best:.4f})")
+    return host_state, progress
 
 
 def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: FoldData,
@@ -234,108 +202,77 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                init_weights: dict | None, preemption: processes.PreemptionWatch) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
     is_main = processes.is_main()
-    fold_started = time.time()
     if is_main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        (fold_dir / "train_files.txt").write_text("\n".join(fold_data.train_files) + "\n")
-        (fold_dir / "val_files.txt").write_text("\n".join(fold_data.val_files) + "\n")
-
-    # Phase 1: a fresh model (as the recipe rebuilds it for each fold: the converted
-    # weights, else random ones), or the state the previous attempt left.
-    fold_seed = config.seed + 1000 * fold
-    host_state = jax.device_get(compiled.create_state(
-        models.init_variables(model, fold_seed) if init_weights is None else init_weights,
-        seed=fold_seed))
+        run_files.write_fold_files(fold_dir, fold_data.train_files, fold_data.val_files)
+    fold_started = time.time()
+    ckpt = checkpoints.FoldCheckpoints(fold_dir)
+    host_state, progress = start_fold(config, fold, ckpt, model, compiled, init_weights)
+    attempt_started = fold_started - progress.elapsed_s
     plateau = ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
                                 min_lr=config.min_learning_rate,
-                                min_delta=config.plateau_min_delta)
-    early_stopping = EarlyStopping(patience=config.early_stopping_patience)
-    history: dict[str, list] = {key: [] for key in HISTORY_KEYS}
-    lr, start_epoch, stopped, elapsed_before = config.learning_rate, 0, False, 0.0
-    num_val_examples = 0
-    progress = EpochProgress()
-    ckpt = checkpoints.FoldCheckpoints(fold_dir)
-    resume_point = checkpoints.ResumePoint(**processes.decided_by_main(
-        lambda: dataclasses.asdict(ckpt.resume_point())))
-    restored = ckpt.restore(resume_point, host_state)
-    if restored is not None:
-        host_state, loop = restored
-        loop = processes.decided_by_main(lambda: loop)
-        history, lr, start_epoch = loop["history"], loop["lr"], loop["epochs_done"]
-        stopped, elapsed_before = loop["stopped"], loop["elapsed_s"]
-        num_val_examples = loop["num_val_examples"]
-        plateau.load_state_dict(loop["plateau"])
-        early_stopping.load_state_dict(loop["early_stopping"])
-        progress = EpochProgress(loop.get("epoch_steps_done", 0),
-                                 loop.get("epoch_totals", progress.totals))
-        position = (f"epoch {start_epoch + 1} at step {progress.steps_done + 1}"
-                    if progress.steps_done else f"after epoch {start_epoch}")
-        processes.report(f"fold {fold}: resuming {position} (lr {lr:g}, best val_dice_coe "
-                         f"{early_stopping.best:.4f})")
+                                min_delta=config.plateau_min_delta, state=progress.plateau)
+    early_stopping = EarlyStopping(patience=config.early_stopping_patience,
+                                   state=progress.early_stopping)
 
-    def loop_state(epochs_done: int) -> dict:
-        return {"epochs_done": epochs_done, "history": history, "lr": lr, "stopped": stopped,
-                "elapsed_s": elapsed_before + time.time() - fold_started,
-                "plateau": plateau.state_dict(), "early_stopping": early_stopping.state_dict(),
-                "num_val_examples": num_val_examples,
-                "epoch_steps_done": progress.steps_done, "epoch_totals": progress.totals}
+    def saved_progress() -> dict:
+        progress.elapsed_s = time.time() - attempt_started
+        return progress.to_json()
 
     state = parallel.replicate(host_state, mesh)
     scalars = reporting.ScalarLog(fold_dir / "tensorboard") if is_main else None
 
-    # Phase 2: epochs. Checkpoints in flight are finished even when an epoch fails, so
-    # the last good state is on disk before the error reaches the user.
+    # The epochs. Checkpoints in flight are finished even when an epoch fails, so the
+    # last good state is on disk before the error reaches the user.
     host_batch = parallel.host_batch_size(config.per_device_batch_size)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if stopped:
-                break
+        while progress.epochs_done < config.epochs and not progress.stopped:
+            epoch, lr = progress.epochs_done, progress.lr
             epoch_started = time.time()
             last_good = last_good_checkpoint(epoch, fold_dir)
             # A preemption after an epoch's last step leaves only its validation to do.
-            batches = iter(()) if progress.steps_done == fold_data.steps_per_epoch else (
+            batches = iter(()) if progress.epoch.steps_done == fold_data.steps_per_epoch else (
                 data.train_batches(
                     fold_data.train_files, image_size=config.image_size,
-                    batch_size=host_batch, steps=fold_data.steps_per_epoch, seed=fold_seed,
+                    batch_size=host_batch, steps=fold_data.steps_per_epoch,
+                    seed=fold_seed(config, fold),
                     epoch=epoch, augment_config=config.augment,
                     shuffle_buffer=config.shuffle_buffer, deterministic=config.deterministic,
                     process_index=jax.process_index(), process_count=jax.process_count(),
-                    steps_done=progress.steps_done))
+                    steps_done=progress.epoch.steps_done))
             step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
             state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
-                                           config.epochs, mesh, last_good, progress,
+                                           config.epochs, mesh, last_good, progress.epoch,
                                            preemption)
             if preempted:
-                ckpt.save_preempted(epoch * fold_data.steps_per_epoch + progress.steps_done,
-                                    state, loop_state(epoch))
+                ckpt.save_preempted(epoch * fold_data.steps_per_epoch
+                                    + progress.epoch.steps_done, state, saved_progress())
                 raise Preempted(f"preempted at fold {fold} epoch {epoch + 1} step "
-                                f"{progress.steps_done}; run the same command to resume")
-            train_metrics = progress.means(fold_data.steps_per_epoch)
-            progress = EpochProgress()
+                                f"{progress.epoch.steps_done}; run the same command to resume")
+            train_metrics = progress.epoch.means(fold_data.steps_per_epoch)
+            progress.epoch = EpochProgress()
             val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 num_batches=fold_data.val_batches, global_order=config.deterministic), mesh)
             raise_if_not_finite(val_metrics, "val_loss",
                                 f"fold {fold}, epoch {epoch + 1}, validation", last_good)
-            num_val_examples = val_metrics["num_val_examples"]
-            if num_val_examples != fold_data.num_val_examples:
+            progress.num_val_examples = val_metrics.pop("num_val_examples")
+            if progress.num_val_examples != fold_data.num_val_examples:
                 # TFRecord files cut at a record boundary read cleanly, only shorter.
-                raise ValueError(f"{', '.join(fold_data.val_files)}: {num_val_examples} "
-                                 f"examples read, the file names promise "
-                                 f"{fold_data.num_val_examples}; is a file truncated?")
-            logs = {"epoch": epoch + 1, **train_metrics,
-                    **{k: v for k, v in val_metrics.items() if k != "num_val_examples"},
-                    "lr": lr}
+                raise cli.InputError(f"{', '.join(fold_data.val_files)}: "
+                                     f"{progress.num_val_examples} examples read, the file "
+                                     f"names promise {fold_data.num_val_examples}; is a file "
+                                     "truncated?")
+            logs = {"epoch": epoch + 1, **train_metrics, **val_metrics, "lr": lr}
             for key in HISTORY_KEYS:
-                history[key].append(logs[key])
-            next_lr = plateau.update(logs["val_loss"], lr)
-            improved, stopped = early_stopping.update(epoch, logs["val_dice_coe"])
+                progress.history[key].append(logs[key])
+            progress.lr = plateau.update(logs["val_loss"], lr)
+            improved, progress.stopped = early_stopping.update(epoch, logs["val_dice_coe"])
             if improved:
                 ckpt.save_best(epoch, state.variables, {
                     "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
                     "val_per_image_dice": logs["val_per_image_dice"],
-                    "num_val_examples": num_val_examples})
+                    "num_val_examples": progress.num_val_examples})
             processes.report(
                 f"fold {fold} epoch {epoch + 1}/{config.epochs} "
                 f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
@@ -343,39 +280,41 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
                 f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
                 + (" *best*" if improved else "")
-                + (f" -> lr {next_lr:.3g}" if next_lr != lr else ""))
+                + (f" -> lr {progress.lr:.3g}" if progress.lr != lr else ""))
             if scalars is not None:
                 scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
-            lr = next_lr
-            ckpt.save_latest(epoch + 1, state, loop_state(epoch + 1))
-            if stopped:
+            progress.epochs_done = epoch + 1
+            ckpt.save_latest(progress.epochs_done, state, saved_progress())
+            if progress.stopped:
                 processes.report(f"fold {fold}: early stopping after epoch {epoch + 1}; best "
-                                 f"epoch {early_stopping.best_epoch + 1}")
+                                 f"epoch {progress.early_stopping.best_epoch + 1}")
             host_memory.release_freed_memory()
     finally:
         ckpt.close()
         if scalars is not None:
             scalars.close()
 
-    # Phase 3: the best epoch is the fold's model (EarlyStopping restore_best_weights).
-    best = early_stopping.best_epoch
-    result = {
-        "fold": fold, "best_epoch": best + 1,
+    result = fold_result(fold_data, progress, time.time() - attempt_started)
+    if is_main:
+        run_files.write_fold_result(fold_dir, progress.history, result)
+    return result
+
+
+def fold_result(fold_data: FoldData, progress: FoldProgress, elapsed_s: float) -> dict:
+    """The best epoch is the fold's model (EarlyStopping restore_best_weights)."""
+    best, history = progress.early_stopping.best_epoch, progress.history
+    return {
+        "fold": fold_data.fold, "best_epoch": best + 1,
         "best_val_dice_coe": history["val_dice_coe"][best],
         "val_per_image_dice": history["val_per_image_dice"][best],
         "val_loss": history["val_loss"][best],
-        "num_val_examples": num_val_examples,
-        "epochs_run": len(history["epoch"]), "stopped_early": stopped,
+        "num_val_examples": progress.num_val_examples,
+        "epochs_run": len(history["epoch"]), "stopped_early": progress.stopped,
         "num_train_examples": fold_data.num_train_examples,
         "steps_per_epoch": fold_data.steps_per_epoch,
         "train_files": fold_data.train_files, "val_files": fold_data.val_files,
-        "time_s": round(elapsed_before + time.time() - fold_started, 1),
+        "time_s": round(elapsed_s, 1),
     }
-    if is_main:
-        reporting.write_json(fold_dir / "history.json", history)
-        reporting.plot_curves(history, fold_dir / "curves.png", title=f"fold {fold}")
-        reporting.write_json(fold_dir / checkpoints.FOLD_RESULT, result)
-    return result
 
 
 def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[str],
@@ -387,8 +326,8 @@ def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[st
     steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
         num_train // global_batch)
     if steps_per_epoch == 0:
-        raise ValueError(f"fold {fold}: {num_train} training images are fewer than one global "
-                         f"batch of {global_batch}; lower config.per_device_batch_size")
+        raise cli.InputError(f"fold {fold}: {num_train} training images are fewer than one global "
+                             f"batch of {global_batch}; lower config.per_device_batch_size")
     val_counts = {path: counts[path] for path in val_files}
     val_batches = data.num_validation_batches(
         val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count(),
@@ -407,9 +346,9 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     results = {}
     with processes.PreemptionWatch(mesh) as preemption:
         for plan in plans:
-            result_path = workdir / f"fold_{plan.fold}" / checkpoints.FOLD_RESULT
+            fold_dir = workdir / f"fold_{plan.fold}"
             finished = processes.decided_by_main(
-                lambda: json.loads(result_path.read_text()) if result_path.exists() else None)
+                lambda: run_files.finished_fold_result(fold_dir))
             if finished is not None:
                 results[plan.fold] = finished
                 processes.report(f"fold {plan.fold}: finished earlier, best val_dice_coe "
@@ -424,20 +363,6 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     return results
 
 
-STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)")
-
-
-def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Each step program's compilations (one each for a whole run of folds, two for the
-    train step when the encoder is frozen for some epochs), and all other small programs
-    together; and the programs read back from the compilation cache."""
-    named = (*STEP_PROGRAMS, reporting.CACHE_RETRIEVALS)
-    summary = {name: compile_seconds[name] for name in named if name in compile_seconds}
-    summary["other"] = [round(sum(sum(seconds) for name, seconds in compile_seconds.items()
-                                  if name not in named), 2)]
-    return summary
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Trains the chosen folds into `workdir` and returns (and writes) `summary.json`.
 
@@ -448,17 +373,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     started = time.time()
     workdir = paths.path(workdir)
-    validate_config(config)
+    config_checks.check_train_config(config)
 
     def check_files() -> tuple[list[str], dict[str, int], bool]:
         check_workdir_config(config, workdir)
         files = data.list_record_files(config.data_dir)
-        check_record_files(files, config.image_size)
+        data.check_record_files(files, config.image_size)
         return files, data.checked_counts(files, config.data_dir), workdir.exists()
 
     files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
-    folds = parse_folds(config.folds, config.num_folds)
+    folds = config_checks.chosen_folds(config)
     plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
     init_weights = load_init_weights(config)
     is_main = processes.is_main()
@@ -466,11 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with locking.hold(workdir, "a training run") if is_main else contextlib.nullcontext():
         try:
             if is_main:
-                reporting.write_json(workdir / "config.json",
-                                     json.loads(config.to_json_best_effort()))
-                prepare_record = paths.path(config.data_dir) / "prepare.json"
-                if prepare_record.exists():
-                    paths.atomic_write(workdir / "prepare.json", prepare_record.read_bytes())
+                run_files.write_run_files(workdir, config)
             processes.report(
                 f"{len(files)} record files, folds {folds}, {jax.device_count()} devices "
                 f"({jax.devices()[0].platform}) in {jax.process_count()} process(es), global "
@@ -478,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             with reporting.compile_log() as compile_seconds:
                 results = train_folds(config, workdir, plans, init_weights)
         except BaseException:
-            if is_main and not existed and not holds_progress(workdir):
+            if is_main and not existed and not run_files.holds_progress(workdir):
                 with contextlib.suppress(OSError):
                     workdir.rmtree()
             raise
@@ -492,7 +413,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
                                                       for r in results.values()])),
             "total_time_s": round(time.time() - started, 1),
-            "compile_seconds": summarize_compiles(compile_seconds),
+            "compile_seconds": reporting.summarize_compiles(compile_seconds),
         }
         if is_main:
             reporting.write_json(workdir / "summary.json", summary)
@@ -507,23 +428,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
-processes.define_flags()
-compile_cache.define_flags()
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
+    processes.define_flags()
+    compile_cache.define_flags()
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main() -> None:
+    options = flags.FLAGS
     host_memory.keep_freed_memory()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise ValueError("both --config=FILE and --workdir=DIR are required")
+    if options.config is None or options.workdir is None:
+        raise cli.InputError("both --config=FILE and --workdir=DIR are required")
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(options.config, options.workdir)
     except Preempted as preempted:
         # Exit status 0: the run did what was asked of it so far, and schedulers
         # restart a preempted job by running the same command again.
@@ -531,4 +451,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run_main(main)

@@ -1,8 +1,10 @@
 """The host-side controllers take the same decisions as the real tf.keras callbacks."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
+from jaxseg.callbacks import EarlyStopping, EarlyStoppingState, PlateauState, ReduceLROnPlateau
 
 tf_keras = pytest.importorskip("tf_keras")
 
@@ -66,7 +68,7 @@ def test_early_stopping_matches_keras(name, patience):
         keras_cb.on_epoch_end(epoch, {"val_dice_coe": value})
         improved, stop = ours.update(epoch, value)
         assert stop == bool(model.stop_training), (epoch, value)
-        assert ours.best_epoch == keras_cb.best_epoch
+        assert ours.state.best_epoch == keras_cb.best_epoch
         if stop:
             break
 
@@ -78,8 +80,8 @@ def test_state_round_trip_continues_identically():
     for value in values[:17]:
         lr_whole = whole.update(value, lr_whole)
         lr_split = split.update(value, lr_split)
-    resumed = ReduceLROnPlateau(patience=3)
-    resumed.load_state_dict(split.state_dict())
+    resumed = ReduceLROnPlateau(patience=3,
+                                state=PlateauState(**dataclasses.asdict(split.state)))
     for value in values[17:]:
         lr_whole = whole.update(value, lr_whole)
         lr_split = resumed.update(value, lr_split)
@@ -88,7 +90,7 @@ def test_state_round_trip_continues_identically():
     for epoch, value in enumerate(values[:10]):
         stop_a.update(epoch, value)
         stop_b.update(epoch, value)
-    stop_c = EarlyStopping(patience=4)
-    stop_c.load_state_dict(stop_b.state_dict())
+    stop_c = EarlyStopping(patience=4,
+                           state=EarlyStoppingState(**dataclasses.asdict(stop_b.state)))
     for epoch, value in enumerate(values[10:], start=10):
         assert stop_a.update(epoch, value) == stop_c.update(epoch, value)

@@ -9,9 +9,12 @@ import pytest
 from jaxseg import cli
 
 
-def _failing_main(argv: list[str]) -> None:
-    del argv
-    raise ValueError("config.image_size: 100 is not a multiple of 32")
+def _failing_main() -> None:
+    raise cli.InputError("config.image_size: 100 is not a multiple of 32")
+
+
+def _buggy_main() -> None:
+    {}["backbone"]
 
 
 def test_user_error_is_one_line_and_exit_status_1(monkeypatch, capsys):
@@ -29,6 +32,23 @@ def test_traceback_variable_lets_the_error_through(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["jaxseg.train"])
     with pytest.raises(ValueError, match="not a multiple of 32"):
         cli.run_main(_failing_main)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """A KeyError or ValueError of our own code is not the user's input to correct."""
+    monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+    monkeypatch.setattr(sys, "argv", ["jaxseg.train"])
+    with pytest.raises(KeyError, match="backbone"):
+        cli.run_main(_buggy_main)
+
+
+def test_arguments_that_are_not_flags_are_refused(monkeypatch, capsys):
+    monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+    monkeypatch.setattr(sys, "argv", ["jaxseg.train", "stray"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(_failing_main)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: unexpected arguments: stray\n"
 
 
 def test_importing_the_data_pipeline_prints_nothing():

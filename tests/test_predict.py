@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from jaxseg import checkpoints, convert, evaluate, models, predict, rle, slides
+from jaxseg import checkpoints, convert, ensembles, evaluate, models, predict, rle, slides
 from unet_variables import random_variables
 
 TILE = 64
@@ -97,23 +97,23 @@ def test_unfinished_folds_are_left_out_and_named_unless_allowed(fake_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(fake_run, run)
     (run / "fold_1" / "result.json").unlink()
-    assert [str(path) for path in predict.find_fold_dirs(run)] == [str(run / "fold_0")]
+    assert [str(path) for path in ensembles.find_fold_dirs(run)] == [str(run / "fold_0")]
     assert capsys.readouterr().err == (
         f"warning: leaving out fold_1 of {run}: training unfinished (no result.json); "
         "--allow_unfinished_folds includes them\n")
-    ensemble = predict.load_ensemble(str(run), allow_unfinished_folds=True)
+    ensemble = ensembles.load_ensemble(str(run), allow_unfinished_folds=True)
     assert len(ensemble.variables) == 2
     assert ensemble.source == f"{run / 'fold_0'}, {run / 'fold_1'} (unfinished)"
     with pytest.raises(ValueError, match="fold_1: training of this fold has not finished"):
-        predict.load_ensemble(None, checkpoint=str(run / "fold_1"))
+        ensembles.load_ensemble(None, checkpoint=str(run / "fold_1"))
     (run / "fold_0" / "result.json").unlink()
     with pytest.raises(ValueError, match=f"^{run}: no fold has finished training \\(fold_0, "
                                          "fold_1 have no result.json\\)"):
-        predict.find_fold_dirs(run)
+        ensembles.find_fold_dirs(run)
 
 
 def test_flip_tta_is_flip_equivariant_and_averages_folds(fake_run):
-    ensemble = predict.load_ensemble(str(fake_run))
+    ensemble = ensembles.load_ensemble(str(fake_run))
     assert len(ensemble.variables) == 2 and (ensemble.tile, ensemble.reduction) == (64, 2)
     stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *ensemble.variables)
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def options(tile=TILE):
 @pytest.fixture(scope="module")
 def submission(fake_run, images, tmp_path_factory):
     """The fake run's prediction of both images (no TTA), with overlays."""
-    ensemble = predict.load_ensemble(str(fake_run))
+    ensemble = ensembles.load_ensemble(str(fake_run))
     predict_fn, _ = predict.make_batch_predictor(ensemble, "none", per_device_batch=1)
     out = tmp_path_factory.mktemp("sub") / "submission.csv"
     predict.predict_to_csv(predict.find_images(str(images / "*")), predict_fn, options(), out,
@@ -200,11 +200,11 @@ def test_keras_weights_take_backbone_and_normalisation_from_the_conversion(fake_
     variables = checkpoints.load_best_variables(fake_run / "fold_0")
     meta = {"backbone": "efficientnetb0", "normalize_input": True}
     monkeypatch.setattr(convert, "load_converted", lambda directory: (variables, meta))
-    ensemble = predict.load_ensemble(None, keras_weights="converted", tile_size=TILE)
-    assert (ensemble.tile, ensemble.reduction) == (TILE, predict.SEED_REDUCTION)
+    ensemble = ensembles.load_ensemble(None, keras_weights="converted", tile_size=TILE)
+    assert (ensemble.tile, ensemble.reduction) == (TILE, ensembles.SEED_REDUCTION)
     assert ensemble.model.backbone == "efficientnetb0" and ensemble.model.normalize_input
     with pytest.raises(ValueError, match="not both"):
-        predict.load_ensemble(None, checkpoint=str(fake_run / "fold_0"), keras_weights="x")
+        ensembles.load_ensemble(None, checkpoint=str(fake_run / "fold_0"), keras_weights="x")
 
 
 def test_a_failing_slide_leaves_no_csv(images, tmp_path):
@@ -268,17 +268,17 @@ def test_input_errors_name_the_file(fake_run, images, tmp_path):
         predict.check_readable(predict.find_images(str(tmp_path / "*.tiff")))
     with pytest.raises(FileNotFoundError, match="no fold_K/best checkpoints"):
         (tmp_path / "config.json").write_text(json.dumps({"backbone": "efficientnetb0"}))
-        predict.load_ensemble(str(tmp_path))
+        ensembles.load_ensemble(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        predict.load_ensemble(str(images))
+        ensembles.load_ensemble(str(images))
     with pytest.raises(ValueError, match="variables do not fit a Unet-efficientnetb1"):
         (tmp_path / "b1").mkdir()
         config = json.loads((fake_run / "config.json").read_text())
         (tmp_path / "b1" / "config.json").write_text(json.dumps({**config,
                                                                  "backbone": "efficientnetb1"}))
-        predict.load_ensemble(str(tmp_path / "b1"), checkpoint=str(fake_run / "fold_0"))
+        ensembles.load_ensemble(str(tmp_path / "b1"), checkpoint=str(fake_run / "fold_0"))
     with pytest.raises(ValueError, match="tile_size"):
-        predict.load_ensemble(str(fake_run), tile_size=48)
+        ensembles.load_ensemble(str(fake_run), tile_size=48)
 
 
 def test_cli_errors_are_one_line_and_write_nothing(fake_run, tmp_path):

@@ -125,7 +125,8 @@ def test_grid_starts_and_overlap():
     assert prepare.grid_starts(1000, 512, 0) == [-12, 500]
     assert prepare.grid_starts(1000, 512, 256) == [-12, 244, 500]
     assert prepare.overlap_pixels(0.25, 2048) == 512
-    assert prepare.overlap_pixels(100, 2048) == 100
+    with pytest.raises(ValueError, match="overlap 100"):   # a fraction, never pixels
+        prepare.overlap_pixels(100, 2048)
     with pytest.raises(ValueError, match="overlap 1.5"):
         prepare.overlap_pixels(1.5, 2048)
     with pytest.raises(ValueError, match="overlap 128 must be >= 0 and below tile_size 128"):
@@ -453,8 +454,8 @@ def test_command_line_error_is_one_line_with_exit_status_1(tmp_path):
     with open(tmp_path / "data" / "train.csv", "w") as handle:
         handle.write("id,encoding\ngood,5 3 4 1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "jaxseg.prepare", f"--data_dir={tmp_path / 'data'}",
-         f"--out_dir={tmp_path / 'out'}", "--tile_size=128", "--reduction=2"],
+        [sys.executable, "-m", "jaxseg.prepare", f"--competition_dir={tmp_path / 'data'}",
+         f"--out_dir={tmp_path / 'out'}", "--tile_size=64", "--reduction=2"],
         capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (

@@ -20,7 +20,7 @@ LARGE_CHARS = 5 * 2 ** 20 // 2  # split into several parts of the store
 
 _PROGRAM = textwrap.dedent(f"""
     import json, sys, time
-    from jaxseg import processes
+    from jaxseg import cli, processes
 
     address, index = sys.argv[1], int(sys.argv[2])
     processes.join(address, 2, index)
@@ -30,7 +30,7 @@ _PROGRAM = textwrap.dedent(f"""
     decided = processes.decided_by_main(lambda: {{"by": processes.jax.process_index()}})
 
     def refuse():
-        raise ValueError("workdir: made by another run")
+        raise cli.InputError("workdir: made by another run")
 
     try:
         processes.decided_by_main(refuse)

@@ -46,6 +46,7 @@ def diverging(state, step_fn, batches, lr, fold_data, epoch, *rest):
     return original(state, step_fn, batches, 1e30 if epoch >= 1 else lr, fold_data, epoch,
                     *rest)
 train.train_epoch = diverging
+train.define_flags()
 cli.run_main(train.main)
 """
 

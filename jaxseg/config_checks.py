@@ -1,0 +1,76 @@
+"""Every check of a config's values, in one place, before anything is built or written.
+
+A config comes from a config file with `--config.FIELD=...` overrides (training) or
+from a run's config.json (prediction). A bad value found here stops the command with
+one line naming the field; the modules that later use a value take it as checked, and
+a bad value that still reaches them is a bug of ours.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+from jaxseg import cli
+from jaxseg.models import BACKBONES, INPUT_MULTIPLE
+from jaxseg.models.build import LAYER_VARIANTS
+
+LOSSES = ("dice", "bce_dice")
+
+Config = Mapping[str, Any] | ml_collections.ConfigDict
+
+
+def check_model_config(config: Config) -> None:
+    """The fields `models.build_model` reads: the backbone, and how layers are computed."""
+    backbone = config.get("backbone")
+    if backbone not in BACKBONES:
+        raise cli.InputError(f"config.backbone: unknown {backbone!r}, "
+                             f"expected one of {', '.join(BACKBONES)}")
+    for field, variants in LAYER_VARIANTS.items():
+        choice = config.get(field, "auto")
+        if choice not in ("auto", *variants):
+            raise cli.InputError(f"config.{field}: {choice!r} is not one of "
+                                 f"{', '.join(['auto', *variants])}")
+
+
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+    if not config.data_dir:
+        raise cli.InputError("config.data_dir is empty: give --config.data_dir=DIR of "
+                             ".tfrec files")
+    check_model_config(config)
+    if config.image_size <= 0 or config.image_size % INPUT_MULTIPLE:
+        raise cli.InputError(f"config.image_size: {config.image_size} is not a positive "
+                             f"multiple of {INPUT_MULTIPLE} (the Unet halves it five times)")
+    if config.epochs < 1:
+        raise cli.InputError(f"config.epochs must be >= 1, got {config.epochs}")
+    if config.loss not in LOSSES:
+        raise cli.InputError(f"config.loss: unknown {config.loss!r}, expected 'dice' or "
+                             "'bce_dice'")
+    if config.num_folds < 2:
+        raise cli.InputError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
+    chosen_folds(config)
+    if config.per_device_batch_size < 1:
+        raise cli.InputError(f"config.per_device_batch_size must be >= 1, "
+                             f"got {config.per_device_batch_size}")
+    if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
+        raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
+                             f"got {config.plateau_factor}")
+    # Here rather than at the top: prediction checks model configs without TensorFlow.
+    from jaxseg.augment import check_augment_config
+    check_augment_config(config.augment)
+
+
+def chosen_folds(config: ml_collections.ConfigDict) -> list[int]:
+    """The folds `config.folds` names: 'all', or a comma-separated list."""
+    folds, num_folds = config.folds, config.num_folds
+    if str(folds).strip().lower() == "all":
+        return list(range(num_folds))
+    try:
+        chosen = [int(part) for part in str(folds).split(",") if part.strip()]
+    except ValueError:
+        raise cli.InputError(f"config.folds: expected 'all' or a list like '0,2', "
+                             f"got {folds!r}") from None
+    if not chosen or any(not 0 <= fold < num_folds for fold in chosen):
+        raise cli.InputError(f"config.folds: {folds!r} is not a list of folds in "
+                             f"0..{num_folds - 1}")
+    return chosen
