@@ -7,6 +7,7 @@ keeps its own multi-host protocol for checkpoints.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -109,8 +110,10 @@ def join(coordinator_address: str | None, num_processes: int | None,
 
     flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     if jax.process_count() > 1:
-        threading.Thread(target=_stop_when_another_fails, name="jaxseg-failure-watch",
-                         daemon=True).start()
+        watcher = threading.Thread(target=_stop_when_another_fails,
+                                   name="jaxseg-failure-watch", daemon=True)
+        watcher.start()
+        atexit.register(_stop_watching, watcher)
         cli.on_failure(stop_every_process)
 
 
@@ -121,6 +124,16 @@ def _distributed_client():
 
 
 _failed_here = threading.Event()
+_leaving = threading.Event()
+
+
+def _stop_watching(watcher: threading.Thread) -> None:
+    """Ends the failure watch before Python finalizes: a daemon thread it stops while
+    inside a call into the coordination client aborts the whole process ("terminate
+    called ... exception not rethrown") after a run that succeeded. Registered after
+    JAX's own shutdown, so it runs before it."""
+    _leaving.set()
+    watcher.join(timeout=10 * FAILURE_POLL_S)
 _exit_lock = threading.Lock()
 
 
@@ -132,8 +145,7 @@ def _failures_elsewhere(client) -> list[tuple[str, str]]:
 
 def _stop_when_another_fails() -> None:
     client = _distributed_client()
-    while True:
-        time.sleep(FAILURE_POLL_S)
+    while not _leaving.wait(FAILURE_POLL_S):
         try:
             failures = _failures_elsewhere(client)
         except Exception:  # noqa: BLE001  the run is shutting down, or the service is gone
