@@ -125,6 +125,7 @@ def _distributed_client():
 
 _failed_here = threading.Event()
 _leaving = threading.Event()
+_exit_lock = threading.Lock()
 
 
 def _stop_watching(watcher: threading.Thread) -> None:
@@ -134,7 +135,6 @@ def _stop_watching(watcher: threading.Thread) -> None:
     JAX's own shutdown, so it runs before it."""
     _leaving.set()
     watcher.join(timeout=10 * FAILURE_POLL_S)
-_exit_lock = threading.Lock()
 
 
 def _failures_elsewhere(client) -> list[tuple[str, str]]:
