@@ -19,6 +19,7 @@ weights; TTA is off by default so that both sides evaluate each window once.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import resource
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+
+from jaxseg import host_memory
 
 _SIZE = flags.DEFINE_integer("size", 20000, "slide height and width, full-res pixels")
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/predict_bench",
@@ -115,7 +118,7 @@ def _keras_stage(settings: dict, results: multiprocessing.Queue) -> None:
 def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     from jaxseg import host_memory
 
-    keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.predict` does
+    allocator = host_memory.use_fast_allocator()  # as `jaxseg.predict` does (preloaded: _run)
     import jax
 
     from jaxseg import convert, ensembles, predict, stitch
@@ -143,7 +146,7 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     pipeline_seconds = time.perf_counter() - start
     pipeline_rss = _peak_rss_mib()
     summary = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
-               "compile_seconds": compile_seconds, "keeps_freed_memory": keeps_freed_memory,
+               "compile_seconds": compile_seconds, "allocator": allocator,
                "pipeline_seconds": pipeline_seconds, "rss_after_compile_mib": rss_before,
                "pipeline_peak_rss_mib": pipeline_rss,
                "windows": stitch.plan_windows(
@@ -177,10 +180,22 @@ def _slide_shape(path: str) -> tuple[int, int]:
 
 
 def _run(stage, settings: dict) -> dict:
+    """Runs `stage` in a fresh interpreter; jaxseg's stage under the allocator that
+    `jaxseg.predict` puts in force (its re-execution cannot work in a spawned child)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     child = context.Process(target=stage, args=(settings, results))
-    child.start()
+    preloads = host_memory.preload_environment() if stage is _jax_stage else {}
+    saved = {name: os.environ.get(name) for name in preloads}
+    os.environ.update(preloads)
+    try:
+        child.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     while True:
         try:
             result = results.get(timeout=1)
@@ -213,8 +228,8 @@ def main(argv: list[str]) -> None:
         ours = _run(_jax_stage, settings)
         print(f"slide {slide} at 1/{_REDUCTION.value}: {ours['windows']} windows of "
               f"{_TILE.value} px (overlap {_OVERLAP.value}), Unet-{_BACKBONE.value}, batch "
-              f"{_BATCH_SIZE.value}, TTA {_TTA.value}; freed memory kept: "
-              f"{ours['keeps_freed_memory']}")
+              f"{_BATCH_SIZE.value}, TTA {_TTA.value}; allocator: "
+              f"{ours['allocator']}")
         print(f"  jaxseg.predict whole pipeline: {ours['pipeline_seconds']:.0f} s; peak RSS "
               f"{ours['pipeline_peak_rss_mib']:.0f} MiB ({ours['rss_after_compile_mib']:.0f} "
               "MiB after imports + compile)")

@@ -42,6 +42,8 @@ from typing import Callable
 import numpy as np
 from absl import app, flags
 
+from jaxseg import host_memory
+
 FRAMEWORKS = ("jaxseg", "keras", "smp")
 TASKS = ("train", "predict")
 _REPLY = "REPLY "
@@ -99,9 +101,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     """(task -> callable launching one step, wait for the last step, setup facts)."""
     import functools
 
-    from jaxseg import host_memory
-
-    keeps_freed_memory = host_memory.keep_freed_memory()  # as `jaxseg.train` does
+    allocator = host_memory.use_fast_allocator()  # as `jaxseg.train` does (preloaded: _Worker)
     import jax
 
     from jaxseg import ensembles, models, parallel, predict, steps
@@ -120,7 +120,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     learning_rate = np.float32(1e-4)
 
     facts = {"devices": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",
-             "keeps_freed_memory": keeps_freed_memory}
+             "allocator": allocator}
     if "train" in _TASKS.value:  # a B5 train step takes minutes to compile on a GPU
         start = time.perf_counter()
         compiled_steps.train(freeze_encoder=False).lower(state, batch, learning_rate).compile()
@@ -156,10 +156,8 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
             jax.block_until_ready(last.pop("predict"))
         if ran & first_step_pending:  # as jaxseg.train and jaxseg.predict do after a first step
             first_step_pending.difference_update(ran)
-            if host_memory.guard_if_crowded():
-                # Crowded: it guards the freed memory it still keeps, or gave it up.
-                facts["keeps_freed_memory"] = host_memory.keeps_freed_memory()
-                facts["guards_freed_memory"] = facts["keeps_freed_memory"]
+            if host_memory.fall_back_if_crowded():
+                facts["allocator"] = "glibc (crowded: fell back from glibc-tuned)"
 
     def device_peak() -> None:
         stats = jax.devices()[0].memory_stats()
@@ -285,7 +283,10 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), f"--worker={framework}", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                 # jaxseg under the allocator its commands put in force; the others as
+                 # their users run them
+                 **(host_memory.preload_environment() if framework == "jaxseg" else {})})
         self.seconds: dict[str, list[float]] = {task: [] for task in _TASKS.value}
         self.facts = self._reply()
 

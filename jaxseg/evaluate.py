@@ -221,7 +221,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from jaxseg import cli
-
     define_flags()
     cli.run_main(main)

@@ -1,40 +1,35 @@
-"""Keeps the memory XLA:CPU frees after a step in the process, for the next step.
+"""The host's memory allocator: tcmalloc where it is installed, else glibc tuned.
 
-XLA:CPU allocates a step's temporaries as one buffer (gigabytes for the Unet) with
-malloc, and frees it when the step ends. glibc serves a request that large with a fresh
-mmap and unmaps it on free, so every step page-faults and the kernel zeroes all of it
-again, a large share of the step's time (BENCHMARKS.md). TensorFlow's allocator keeps its
-buffers, which is part of why Keras was ahead there.
+XLA:CPU allocates a step's temporaries as one buffer (gigabytes for the Unet) with malloc,
+and frees it when the step ends. glibc serves a request that large with a fresh mmap and
+unmaps it on free, so every step page-faults and the kernel zeroes all of it again, a large
+share of the step's time. tcmalloc keeps freed spans for the next request of their size,
+and of the allocators compared in BENCHMARKS.md it gave the fastest steps, with no
+out-of-memory kill and no bookkeeping of ours. A preloaded allocator must be in place
+before the interpreter starts, so a command that runs steps re-executes itself once under
+it (`use_fast_allocator`, the first thing its `main` does).
 
-The cure is glibc's own tuning, set before JAX starts its threads: one malloc arena (a
-thread's private arena would still map large blocks itself), no mmap for large blocks, and
-no trimming of the heap's top. Freed pages then stay with the process; `release_freed_memory`
-hands them back at the phase boundaries of a run (the end of an epoch), so a phase's
-leftovers cannot pile up. Nothing here changes what is computed.
-
-The price is fragmentation: when a small block lands inside a freed step buffer, the next
-step's buffer no longer fits there and the heap grows by a second one. On a machine where
-a second copy would not fit (b5 at 512 px batch 8 on the machine of BENCHMARKS.md), that is
-an out-of-memory kill. So after a phase's first step `guard_if_crowded` checks whether the
-process holds a large share of the memory, and if so every later step program
-(`with_room`, which `parallel.data_parallel` applies) first waits for the step before it
-and runs `make_room`: the freed memory is kept only while malloc is bound to serve the next
-buffer from the top of the heap, whose pages are the previous buffer's; otherwise the free
-pages go back first.
+Where no tcmalloc is installed, glibc is tuned instead, before JAX starts its threads: one
+malloc arena (a thread's private arena would still map large blocks itself), no mmap for
+large blocks, and no trimming of the heap's top, so freed pages stay with the process;
+`release_freed_memory` hands them back between epochs. Its price is fragmentation: a
+small block landing inside a freed step buffer makes the next one grow the heap by a
+second copy, which can exceed the machine's memory (B5 at 512 px). So after a phase's
+first step `fall_back_if_crowded` restores glibc's defaults in a process that holds a
+large share of the memory. Nothing here changes what is computed.
 """
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import importlib.metadata
 import importlib.util
 import os
 import pkgutil
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 from jaxseg import cli
 
@@ -53,23 +48,83 @@ _GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 32 << 20),
 # A step's freed buffers are at most what the process holds; twice that must stay under
 # the machine's memory, with room for the page cache and the rest of the system.
 CROWDED_FRACTION = 0.45
+# How long to wait before trimming in `fall_back_if_crowded`: XLA:CPU frees a step's
+# buffer on its own thread, a while after the step's outputs are ready.
+FREE_WAIT_S = 0.5
 
-# How long `make_room` waits for the previous step's buffer to be freed: XLA:CPU frees it
-# on its own thread, a while after the step's outputs are ready.
-ROOM_WAIT_S = 0.5
-
-SWITCH_VARIABLE = "JAXSEG_KEEP_FREED_MEMORY"
+CHOICE_VARIABLE = "JAXSEG_ALLOCATOR"
+CHOICES = ("auto", "tcmalloc", "glibc-tuned", "glibc")
+# Set in the environment of a re-executed command: a preload the loader refused (it only
+# warns) must not make the command re-execute itself again and again.
+_REEXECUTED_VARIABLE = "JAXSEG_ALLOCATOR_REEXECUTED"
+# The sonames Debian/Ubuntu's libtcmalloc-minimal4 and libgoogle-perftools4 install.
+_TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")
 _kept = False
-_guarding = False
-_last_outputs: Any = None  # of the last guarded program call, awaited before the next one
-_held_chunks: list[int] = []  # kept out of malloc's reach by make_room
-MAX_HELD_CHUNKS = 2
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+def allocator_choice() -> str:
+    """JAXSEG_ALLOCATOR, checked: `auto` (unset) takes tcmalloc where it is installed and
+    tuned glibc where JAX runs on the CPU; the others force one."""
+    choice = os.environ.get(CHOICE_VARIABLE, "") or "auto"
+    if choice not in CHOICES:
+        raise cli.InputError(f"{CHOICE_VARIABLE}={choice!r}: expected one of "
+                             f"{', '.join(CHOICES)} or unset")
+    return choice
+
+
+def tcmalloc_library() -> str | None:
+    """The soname of an installed tcmalloc, which the dynamic loader can preload."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for name in _TCMALLOC_NAMES:
+        library = ctypes.util.find_library(name)
+        if library:
+            return library
+    return None
+
+
+def tcmalloc_loaded() -> bool:
+    """Whether this process runs with tcmalloc mapped (preloaded, or linked)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libtcmalloc" in line for line in maps)
+    except OSError:
+        return False
+
+
+def preload_environment() -> dict[str, str]:
+    """What a child process's environment needs to start under tcmalloc (nothing when
+    tcmalloc is not the choice or not installed)."""
+    library = tcmalloc_library()
+    if allocator_choice() not in ("auto", "tcmalloc") or library is None:
+        return {}
+    preloads = os.environ.get("LD_PRELOAD", "")
+    if library in preloads.split(":"):
+        return {}
+    return {"LD_PRELOAD": ":".join(filter(None, (library, preloads)))}
+
+
+def use_fast_allocator() -> str:
+    """Puts the chosen allocator in force, first thing in a command that runs steps:
+    re-executes the command under tcmalloc, or tunes glibc. Returns the allocator in force
+    ("tcmalloc", "glibc-tuned" or "glibc").
+
+    The re-execution keeps the process id, arguments and open files; it costs one more
+    start of the interpreter and its imports, seconds against a run of minutes.
+    """
+    choice = allocator_choice()
+    if tcmalloc_loaded():
+        return "tcmalloc"
+    if choice in ("auto", "tcmalloc") and tcmalloc_library() is not None \
+            and not os.environ.get(_REEXECUTED_VARIABLE):
+        environment = {**os.environ, **preload_environment(), _REEXECUTED_VARIABLE: "1"}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+    if choice == "tcmalloc":
+        raise cli.InputError(f"{CHOICE_VARIABLE}=tcmalloc: no tcmalloc could be loaded "
+                             "(Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+    return "glibc-tuned" if keep_freed_memory(choice) else "glibc"
 
 
 @functools.cache
@@ -85,11 +140,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def jax_runs_on_cpu() -> bool:
-    """Whether JAX will pick its CPU backend, decided without starting any backend.
-
-    An accelerator host keeps glibc's defaults: there the step's memory lives on the
-    device, and the input pipeline's threads are better off with their own arenas.
-    """
+    """Whether JAX will pick its CPU backend, decided without starting any backend."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
@@ -101,17 +152,15 @@ def jax_runs_on_cpu() -> bool:
     return namespace is None or not any(pkgutil.iter_modules(namespace.submodule_search_locations))
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(choice: str = "auto") -> bool:
     """Tunes glibc so freed memory is reused, not returned; True when it was applied.
 
     Must run before JAX's backend starts (its threads take their arenas at their first
-    malloc). `JAXSEG_KEEP_FREED_MEMORY=0` leaves glibc alone; `=1` applies the tuning on
-    an accelerator host too; unset, it applies where JAX runs on the CPU.
+    malloc). `auto` applies it where JAX runs on the CPU: on an accelerator host the step's
+    memory lives on the device, and the input pipeline's threads are better off with their
+    own arenas; `glibc-tuned` applies it anywhere, `glibc` nowhere.
     """
-    switch = os.environ.get(SWITCH_VARIABLE, "auto")
-    if switch not in ("auto", "0", "1"):
-        raise cli.InputError(f"{SWITCH_VARIABLE}={switch!r}: expected 0, 1 or unset")
-    if switch == "0" or (switch == "auto" and not jax_runs_on_cpu()):
+    if choice == "glibc" or (choice == "auto" and not jax_runs_on_cpu()):
         return False
     libc = _glibc()
     if libc is None:
@@ -171,108 +220,22 @@ def resident_bytes() -> int:
         return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
-def _can_guard() -> bool:
-    """Whether glibc reports its heap as `make_room` reads it (mallinfo2: glibc 2.33)."""
-    libc = _glibc()
-    return libc is not None and all(hasattr(libc, name) for name in (
-        "mallinfo2", "malloc_info", "open_memstream", "fclose", "free"))
-
-
-def heap_top_bytes() -> int:
-    """Size of the free chunk at the top of the heap, which malloc extends in place."""
-    libc = _glibc()
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2().keepcost
-
-
-def largest_binned_chunk_bytes() -> int:
-    """The largest free chunk anywhere but the heap's top, from malloc_info's report."""
-    libc = _glibc()
-    libc.open_memstream.restype = ctypes.c_void_p
-    text, size = ctypes.c_char_p(), ctypes.c_size_t()
-    stream = ctypes.c_void_p(libc.open_memstream(ctypes.byref(text), ctypes.byref(size)))
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    report = ctypes.string_at(text, size.value).decode()
-    libc.free(text)
-    return max(map(int, re.findall(r'<(?:size|unsorted) from="\d+" to="(\d+)"', report)),
-               default=0)
-
-
-def make_room(buffer_bytes: int) -> bool:
-    """Before a step that allocates `buffer_bytes` while guarding: keeps the freed memory
-    if the step will reuse the top of the heap, else returns the heap's free pages, so the
-    step's fresh pages cannot come on top of resident free ones. True when it returned.
-
-    A binned chunk that could take the buffer is then held (its pages returned, so it
-    costs address space only): the step's buffer comes from the top of the heap instead,
-    and, freed, merges back into it, where the next step finds it."""
-    deadline = time.monotonic() + ROOM_WAIT_S
-    while True:
-        binned = largest_binned_chunk_bytes()
-        if heap_top_bytes() >= buffer_bytes and binned < buffer_bytes:
-            return False
-        if binned >= buffer_bytes or time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    libc = _glibc()
-    libc.malloc_trim(0)
-    if binned >= buffer_bytes and len(_held_chunks) < MAX_HELD_CHUNKS:
-        libc.malloc.restype = ctypes.c_void_p
-        libc.malloc.argtypes = [ctypes.c_size_t]
-        _held_chunks.append(libc.malloc(buffer_bytes))
-    return True
-
-
-def guard_if_crowded() -> bool:
-    """When the process holds over CROWDED_FRACTION of the memory, makes every later step
-    find room first (`with_room`); where glibc cannot report its heap, restores glibc's
-    defaults instead. True when the process is crowded. Call it after a phase's first step
-    has finished, when the step's buffers have been allocated once (free and resident)."""
-    global _kept, _guarding
-    if not _kept or _guarding:
+def fall_back_if_crowded() -> bool:
+    """Restores glibc's defaults when the process keeps freed memory and holds over
+    CROWDED_FRACTION of the machine's (or its cgroup's) memory; True when it did. Call it
+    after a phase's first step has finished, when the step's buffers have been allocated
+    once (free and resident)."""
+    global _kept
+    if not _kept or resident_bytes() <= CROWDED_FRACTION * memory_limit_bytes():
         return False
-    if resident_bytes() <= CROWDED_FRACTION * memory_limit_bytes():
-        return False
-    if _can_guard():
-        _guarding = True
-        return True
     for option, value in _GLIBC_DEFAULTS:
         _glibc().mallopt(option, value)
     # Trimming before XLA:CPU has freed the step's buffer would leave it resident beside
-    # the next step's fresh mapping, enough for an out-of-memory kill (BENCHMARKS.md).
-    time.sleep(ROOM_WAIT_S)
+    # the next step's fresh mapping, enough for an out-of-memory kill.
+    time.sleep(FREE_WAIT_S)
     release_freed_memory()
     _kept = False
     return True
-
-
-def with_room(program: Callable) -> Callable:
-    """`program` (a jitted step, with `lower`) that, while guarding, first waits for the
-    last guarded call to finish and makes room for its own temporary buffer."""
-    temp_bytes: list[int] = []
-
-    def call(*args: Any) -> Any:
-        global _last_outputs
-        if _guarding:
-            import jax  # here, not at import: JAX must not start before keep_freed_memory
-
-            if _last_outputs is not None:
-                jax.block_until_ready([leaf for leaf in jax.tree.leaves(_last_outputs)
-                                       if not leaf.is_deleted()])
-                _last_outputs = None
-            if not temp_bytes:  # compiled already: the jit cache answers
-                analysis = program.lower(*args).compile().memory_analysis()
-                temp_bytes.append(analysis.temp_size_in_bytes if analysis else 0)
-            if temp_bytes[0]:
-                make_room(temp_bytes[0])
-        outputs = program(*args)
-        if _guarding:
-            _last_outputs = outputs
-        return outputs
-
-    call.lower = program.lower
-    return call
 
 
 def release_freed_memory() -> None:

@@ -17,8 +17,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxseg import host_memory
-
 AXIS = "batch"
 
 
@@ -45,14 +43,13 @@ def data_parallel(per_device_fn: Callable, mesh: Mesh, num_args: int,
     rest are replicated. Outputs are replicated (the step must reduce what it returns
     over `AXIS`, which shard_map's replication check enforces), or with `shard_outputs`
     stay split along the batch like the inputs (per-example predictions). Donated
-    arguments (the train state) are updated in place on the devices. In a crowded CPU
-    process each call first makes room for its buffers (`host_memory.with_room`).
+    arguments (the train state) are updated in place on the devices.
     """
     in_specs = tuple(PartitionSpec(AXIS) if i in batch_args else PartitionSpec()
                      for i in range(num_args))
     mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs,
                            out_specs=PartitionSpec(AXIS) if shard_outputs else PartitionSpec())
-    return host_memory.with_room(jax.jit(mapped, donate_argnums=donate_args))
+    return jax.jit(mapped, donate_argnums=donate_args)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -268,7 +268,7 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
                 write_overlay(slide, mask, options.reduction,
                               paths.path(overlays) / f"{image_id}.png")
         del mask
-        host_memory.guard_if_crowded()
+        host_memory.fall_back_if_crowded()
         host_memory.release_freed_memory()
     for process_rows in processes.gathered(rows):
         rows.update(process_rows)
@@ -319,7 +319,7 @@ def define_flags() -> None:
 def main() -> None:
     from absl import flags
 
-    host_memory.keep_freed_memory()
+    host_memory.use_fast_allocator()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
     config = flags.FLAGS
@@ -334,7 +334,7 @@ def main() -> None:
         # process knows whether it has room to keep them.
         jax.block_until_ready(predict_fn(
             np.zeros((global_batch, ensemble.tile, ensemble.tile, 3), np.uint8)))
-        host_memory.guard_if_crowded()
+        host_memory.fall_back_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold,
@@ -351,7 +351,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from jaxseg import cli
-
     define_flags()
     cli.run_main(main)

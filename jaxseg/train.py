@@ -133,7 +133,7 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
             state, metrics = step_fn(state, batch, learning_rate)
             if step == 0 and host_memory.keeps_freed_memory():
                 jax.block_until_ready(metrics)  # the step's buffers, allocated once
-                host_memory.guard_if_crowded()
+                host_memory.fall_back_if_crowded()
             if pending is not None:
                 consume(pending)
             pending = metrics
@@ -437,7 +437,7 @@ def define_flags() -> None:
 
 def main() -> None:
     options = flags.FLAGS
-    host_memory.keep_freed_memory()
+    host_memory.use_fast_allocator()
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
     if options.config is None or options.workdir is None:

@@ -1,7 +1,8 @@
-"""host_memory: freed blocks stay in the process, and come back to the system on request.
+"""host_memory: commands re-execute themselves under tcmalloc where it is installed; else
+glibc keeps freed blocks in the process, and gives them back on request.
 
-Each case runs in a fresh interpreter: glibc's tuning is process-wide and must come before
-any thread takes an arena.
+Each case runs in a fresh interpreter: the allocator is process-wide, and glibc's tuning
+must come before any thread takes an arena.
 """
 import json
 import os
@@ -10,11 +11,17 @@ import sys
 
 import pytest
 
-from jaxseg import host_memory
+from jaxseg import cli, host_memory
 
 pytestmark = pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc")
-needs_heap_report = pytest.mark.skipif(not host_memory._can_guard(),
-                                       reason="needs glibc 2.33 (mallinfo2)")
+
+
+def _environment(**settings: str) -> dict[str, str]:
+    """This process's environment without an allocator choice or preload (the suite's
+    conftest preloads tcmalloc for the commands it starts), plus `settings`."""
+    unset = (host_memory.CHOICE_VARIABLE, "LD_PRELOAD", host_memory._REEXECUTED_VARIABLE)
+    return {**{key: value for key, value in os.environ.items() if key not in unset},
+            "JAX_PLATFORMS": "cpu", **settings}
 
 # Plain malloc, as XLA:CPU allocates. What is checked is whether glibc maps a large block on
 # its own (mallinfo2's hblkhd: bytes in mmapped blocks) and what stays resident; page
@@ -47,9 +54,9 @@ def round_trip(size=256 << 20):
 # reports whether it was mapped afresh and the resident size before and after
 # release_freed_memory.
 _PROBE = """
-import json
+import json, sys
 from jaxseg import host_memory
-applied = host_memory.keep_freed_memory()
+applied = host_memory.keep_freed_memory(sys.argv[1])
 """ + _HELPERS + """
 round_trip()
 mapped_mib = round_trip()
@@ -60,177 +67,135 @@ print(json.dumps({"applied": applied, "mapped_mib": mapped_mib, "kept_mib": kept
 """
 
 
-def _probe(switch: str | None, platforms: str = "cpu") -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key != host_memory.SWITCH_VARIABLE}
-    env["JAX_PLATFORMS"] = platforms
-    if switch is not None:
-        env[host_memory.SWITCH_VARIABLE] = switch
-    completed = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                               text=True, check=True)
+def _probe(choice: str = "auto", platforms: str = "cpu") -> dict:
+    completed = subprocess.run([sys.executable, "-c", _PROBE, choice],
+                               env=_environment(JAX_PLATFORMS=platforms),
+                               capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def test_freed_block_is_reused_not_mapped_again_and_released_on_request():
-    kept = _probe(switch=None)
+    kept = _probe()
     assert kept["applied"]
     assert kept["mapped_mib"] < 16  # the block came from the heap, where the last one was
     assert kept["kept_mib"] - kept["released_mib"] > 200
 
 
 _CROWDED_PROBE = """
-import json, sys
+import json
 from jaxseg import host_memory
 host_memory.keep_freed_memory()
-if sys.argv[1] == "no_heap_report":  # a glibc before 2.33 has no mallinfo2
-    host_memory._can_guard = lambda: False
 """ + _HELPERS + """
 round_trip()
 resident = host_memory.resident_bytes()
 
-def guard_if_crowded(limit_bytes):
+def fall_back_if_crowded(limit_bytes):
     host_memory.memory_limit_bytes = lambda: limit_bytes
-    return host_memory.guard_if_crowded()
+    return host_memory.fall_back_if_crowded()
 
-roomy = guard_if_crowded(4 * resident)
-crowded = guard_if_crowded(2 * resident)
+roomy = fall_back_if_crowded(4 * resident)
+crowded = fall_back_if_crowded(2 * resident)
 after = host_memory.resident_bytes()
 print(json.dumps({"roomy": roomy, "crowded": crowded, "freed_mib": (resident - after) / 2**20,
                   "mapped_mib_after": round_trip(), "kept": host_memory.keeps_freed_memory(),
-                  "guarding": host_memory._guarding, "again": guard_if_crowded(1)}))
+                  "again": fall_back_if_crowded(1)}))
 """
 
 
-def _crowded_probe(case: str) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop(host_memory.SWITCH_VARIABLE, None)
-    completed = subprocess.run([sys.executable, "-c", _CROWDED_PROBE, case], env=env,
+def test_crowded_process_falls_back_to_glibc_defaults():
+    completed = subprocess.run([sys.executable, "-c", _CROWDED_PROBE], env=_environment(),
                                capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-@needs_heap_report
-def test_crowded_process_keeps_freed_memory_under_guard():
-    result = _crowded_probe("glibc")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
     # Holding a quarter of the limit is room enough; half of it is crowded.
     assert not result["roomy"] and result["crowded"]
-    assert result["kept"] and result["guarding"]
-    assert result["freed_mib"] < 50  # nothing given back yet: make_room decides per step
-    assert result["mapped_mib_after"] < 16  # large blocks still come from the heap
-    assert not result["again"]  # once guarding, it stays so
-
-
-def test_crowded_process_without_heap_report_falls_back_to_glibc_defaults():
-    result = _crowded_probe("no_heap_report")
-    assert not result["roomy"] and result["crowded"]
-    assert not result["kept"] and not result["guarding"]
+    assert not result["kept"]
     assert result["freed_mib"] > 200  # the kept block went back at once
     assert result["mapped_mib_after"] >= 256  # and large blocks are mapped afresh again
     assert not result["again"]
 
 
-# Three layouts of a freed 256 MiB step buffer, as a step and the threads beside it leave
-# the heap. Blocks allocated after the buffer sit above it; freeing the one at the top merges
-# it into the heap's top chunk.
-_ROOM_PROBE = """
-import json
-from jaxseg import host_memory
-host_memory.keep_freed_memory()
-""" + _HELPERS + """
-SIZE = 256 << 20
-def top_serves(buffer_bytes):
-    \"\"\"Whether malloc will take a buffer of this size from the heap's top: it looks in its
-    bins first (best fit), and a binned chunk may have given its pages back.\"\"\"
-    return (host_memory.heap_top_bytes() >= buffer_bytes
-            and host_memory.largest_binned_chunk_bytes() < buffer_bytes)
-
-def touched(size):
-    block = libc.malloc(size)
-    libc.memset(block, 1, size)
-    return block
-
-def case(free_order):
-    blocks = {"buffer": touched(SIZE), "above": touched(64 << 20), "last": touched(SIZE)}
-    for name in free_order:
-        libc.free(blocks.pop(name))
-    before = host_memory.resident_bytes()
-    result = {"top_serves": top_serves(SIZE), "trimmed": host_memory.make_room(SIZE),
-              "released_mib": (before - host_memory.resident_bytes()) / 2**20}
-    libc.free(touched(SIZE))  # the step
-    result["then_top_serves"] = top_serves(SIZE)
-    for block in blocks.values():
-        libc.free(block)
-    host_memory.release_freed_memory()
-    return result
-
-print(json.dumps({
-    # the buffer merged into the top: the next one reuses its resident pages
-    "at_top": case(["last"]),
-    # the buffer below a live block: a small block may split it, and the next buffer would
-    # then come fresh from the top on top of these resident pages
-    "in_a_bin": case(["buffer"]),
-    # one at the top and one as large in a bin: malloc takes the binned one first (best fit)
-    "both": case(["buffer", "last"]),
-}))
-"""
-
-
-@needs_heap_report
-def test_make_room_keeps_only_a_buffer_the_top_of_the_heap_will_serve():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop(host_memory.SWITCH_VARIABLE, None)
-    completed = subprocess.run([sys.executable, "-c", _ROOM_PROBE], env=env,
-                               capture_output=True, text=True, check=True)
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert result["at_top"]["top_serves"] and not result["at_top"]["trimmed"]
-    assert result["at_top"]["released_mib"] < 16
-    for layout in ("in_a_bin", "both"):
-        assert not result[layout]["top_serves"] and result[layout]["trimmed"], layout
-        assert result[layout]["released_mib"] > 200, layout
-    # The binned chunk is held, so the step's buffer came from the top and went back there.
-    assert all(case["then_top_serves"] for case in result.values())
-
-
-def test_with_room_makes_room_for_the_program_buffer_only_while_guarding(monkeypatch):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    program = jax.jit(lambda x: jnp.sort(jnp.sin(x) * 2.0) + jnp.cumsum(jnp.cos(x)))
-    x = np.arange(4096, dtype=np.float32)
-    expected_bytes = program.lower(x).compile().memory_analysis().temp_size_in_bytes
-    asked = []
-    monkeypatch.setattr(host_memory, "make_room", asked.append)
-    guarded = host_memory.with_room(program)
-    assert guarded.lower == program.lower
-    assert expected_bytes > 0
-    monkeypatch.setattr(host_memory, "_guarding", False)
-    np.testing.assert_array_equal(guarded(x), program(x))
-    assert asked == []
-    monkeypatch.setattr(host_memory, "_guarding", True)
-    monkeypatch.setattr(host_memory, "_last_outputs", None)
-    for _ in range(2):
-        np.testing.assert_array_equal(guarded(x), program(x))
-    assert asked == [expected_bytes, expected_bytes]
-    assert host_memory._last_outputs is not None  # the next call waits for this one
-
-
 def test_glibc_defaults_map_every_round():
-    default = _probe(switch="0")
+    default = _probe("glibc")
     assert not default["applied"]
     assert default["mapped_mib"] >= 256  # mapped afresh, to be zeroed by the kernel again
     assert default["kept_mib"] - default["released_mib"] < 50
 
 
 def test_accelerator_host_keeps_glibc_defaults_unless_asked():
-    assert not _probe(switch=None, platforms="cuda")["applied"]
-    assert _probe(switch="1", platforms="cuda")["applied"]
+    assert not _probe(platforms="cuda")["applied"]
+    assert _probe("glibc-tuned", platforms="cuda")["applied"]
 
 
-def test_switch_with_a_bad_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv(host_memory.SWITCH_VARIABLE, "yes")
-    with pytest.raises(ValueError, match="JAXSEG_KEEP_FREED_MEMORY='yes'"):
-        host_memory.keep_freed_memory()
+def test_choice_with_a_bad_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(host_memory.CHOICE_VARIABLE, "yes")
+    with pytest.raises(cli.InputError, match="JAXSEG_ALLOCATOR='yes'"):
+        host_memory.use_fast_allocator()
+
+
+# A command's first steps: what it printed before `use_fast_allocator`, then what it runs
+# under. Re-executed, the script prints its first line twice, from the same process.
+_COMMAND = """
+import json, os, sys
+from jaxseg import cli, host_memory
+print("started", os.getpid(), flush=True)
+try:
+    allocator = host_memory.use_fast_allocator()
+except cli.InputError as error:
+    print("error:", error)
+    sys.exit(1)
+print(json.dumps({"allocator": allocator, "pid": os.getpid(), "argv": sys.argv[1:],
+                  "tcmalloc_mapped": host_memory.tcmalloc_loaded(),
+                  "kept": host_memory.keeps_freed_memory()}))
+"""
+
+
+def _command(**settings: str) -> tuple[list[str], dict]:
+    completed = subprocess.run([sys.executable, "-c", _COMMAND, "--workdir=x y", "--n=2"],
+                               env=_environment(**settings), capture_output=True, text=True)
+    lines = completed.stdout.strip().splitlines()
+    return lines[:-1], json.loads(lines[-1]) if completed.returncode == 0 else lines[-1]
+
+
+@pytest.mark.skipif(host_memory.tcmalloc_library() is None,
+                    reason="no tcmalloc installed (apt-get install libtcmalloc-minimal4)")
+def test_command_reexecutes_itself_under_tcmalloc_once():
+    started, result = _command()
+    pid = result["pid"]
+    assert started == [f"started {pid}"] * 2  # the same process, started twice
+    assert result == {"allocator": "tcmalloc", "pid": pid, "argv": ["--workdir=x y", "--n=2"],
+                      "tcmalloc_mapped": True, "kept": False}
+    # Started under the preload already (as the tests start commands): no second start.
+    started, result = _command(LD_PRELOAD=host_memory.tcmalloc_library())
+    assert len(started) == 1 and result["allocator"] == "tcmalloc"
+    assert _command(JAXSEG_ALLOCATOR="tcmalloc")[1]["allocator"] == "tcmalloc"
+
+
+def test_without_tcmalloc_a_command_tunes_glibc_or_names_what_is_missing(monkeypatch):
+    started, result = _command(JAXSEG_ALLOCATOR="glibc-tuned")
+    assert len(started) == 1
+    assert result["allocator"] == "glibc-tuned" and result["kept"]
+    assert not result["tcmalloc_mapped"]
+    started, result = _command(JAXSEG_ALLOCATOR="glibc")
+    assert (len(started), result["allocator"], result["kept"]) == (1, "glibc", False)
+    monkeypatch.setattr(host_memory, "tcmalloc_library", lambda: None)
+    monkeypatch.setattr(host_memory, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setenv(host_memory.CHOICE_VARIABLE, "tcmalloc")
+    with pytest.raises(cli.InputError, match="JAXSEG_ALLOCATOR=tcmalloc: no tcmalloc"):
+        host_memory.use_fast_allocator()
+    assert host_memory.preload_environment() == {}
+
+
+def test_preload_keeps_the_preloads_already_asked_for(monkeypatch):
+    monkeypatch.setattr(host_memory, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.delenv(host_memory.CHOICE_VARIABLE, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "libfoo.so")
+    assert host_memory.preload_environment() == {
+        "LD_PRELOAD": "libtcmalloc_minimal.so.4:libfoo.so"}
+    monkeypatch.setenv("LD_PRELOAD", "libfoo.so:libtcmalloc_minimal.so.4")
+    assert host_memory.preload_environment() == {}
+    monkeypatch.setenv(host_memory.CHOICE_VARIABLE, "glibc")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert host_memory.preload_environment() == {}
 
 
 @pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cpu,cuda", True),
