@@ -18,4 +18,7 @@ def get_config():
     # XLA:CPU's B0 step is faster without rematerialisation (BENCHMARKS.md), whose
     # memory saving it does not need at this size.
     config.remat = False
+    # A CPU step takes seconds: reading its metrics at once costs nothing and keeps the
+    # progress bar moving.
+    config.metrics_every_steps = 1
     return config

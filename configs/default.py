@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.deterministic = False       # True: reproducible data order (slower reads)
     config.shuffle_buffer = 128
+    config.prefetch_batches = 2        # batches on their way to the devices ahead of the step
+    config.metrics_every_steps = 10    # the host reads training metrics (progress bar, NaN
+                                       # check) this many steps at a time
     config.augment = default_augment_config()
 
     # Model.

@@ -52,6 +52,9 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     if config.per_device_batch_size < 1:
         raise cli.InputError(f"config.per_device_batch_size must be >= 1, "
                              f"got {config.per_device_batch_size}")
+    for field in ("prefetch_batches", "metrics_every_steps", "shuffle_buffer"):
+        if config[field] < 1:
+            raise cli.InputError(f"config.{field} must be >= 1, got {config[field]}")
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
         raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
                              f"got {config.plateau_factor}")

@@ -32,9 +32,11 @@ from jaxseg import (checkpoints, cli, compile_cache, config_checks, data, host_m
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 from jaxseg.progress import HISTORY_KEYS, EpochProgress, FoldProgress
 
-# Fields a resumed run may change: extending training, choosing other folds, and how layers
-# are computed (never what they compute; absent from runs made before these fields).
-RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat")
+# Fields a resumed run may change: extending training, choosing other folds, how layers are
+# computed and how the host feeds the devices (never what they compute; absent from runs
+# made before these fields).
+RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat", "prefetch_batches",
+                     "metrics_every_steps")
 
 
 def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
@@ -105,53 +107,64 @@ class Preempted(Exception):
 
 def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
                 fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str,
-                progress: EpochProgress, preemption: processes.PreemptionWatch
-                ) -> tuple[steps.TrainState, bool]:
+                progress: EpochProgress, preemption: processes.PreemptionWatch, *,
+                prefetch: int, metrics_every: int) -> tuple[steps.TrainState, bool]:
     """Runs the epoch's remaining steps, adding them to `progress`; True when a
     preemption notice stopped it after a step (the same step on every process).
-    Metrics come back one step late so the host never stalls the devices."""
+
+    The host reads the steps' metrics `metrics_every` steps at a time, and only once the
+    next step is queued, so it never stalls the devices; a non-finite loss is therefore
+    seen up to that many steps late, still before any checkpoint holds its state."""
     learning_rate = np.float32(lr)
-    pending, preempted = None, False
+    pending: list[dict] = []
+    preempted = False
     # The bar is cleared however the epoch ends, so an error line starts a line of its own.
     with tqdm(total=fold_data.steps_per_epoch, initial=progress.steps_done, unit="step",
               leave=False, dynamic_ncols=True,
               desc=f"fold {fold_data.fold} epoch {epoch + 1}/{epochs}",
               disable=not processes.is_main()) as bar:
 
-        def consume(metrics: dict) -> None:
-            values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            raise_if_not_finite(values, "loss", f"fold {fold_data.fold}, epoch {epoch + 1}, "
-                                f"step {progress.steps_done + 1}", last_good)
-            for name, value in values.items():
-                progress.totals[name] += value
-            progress.steps_done += 1
-            bar.update(1)
+        def consume(steps_metrics: list[dict]) -> None:
+            for metrics in jax.device_get(steps_metrics):
+                values = {name: float(value) for name, value in metrics.items()}
+                raise_if_not_finite(values, "loss", f"fold {fold_data.fold}, epoch "
+                                    f"{epoch + 1}, step {progress.steps_done + 1}", last_good)
+                for name, value in values.items():
+                    progress.totals[name] += value
+                progress.steps_done += 1
+            bar.update(len(steps_metrics))
             bar.set_postfix(loss=f"{progress.totals['loss'] / progress.steps_done:.4f}",
                             dice_coe=f"{progress.totals['dice_coe'] / progress.steps_done:.4f}")
+            steps_metrics.clear()
 
-        for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh)):
+        for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh, prefetch)):
             state, metrics = step_fn(state, batch, learning_rate)
             if step == 0 and host_memory.keeps_freed_memory():
                 jax.block_until_ready(metrics)  # the step's buffers, allocated once
                 host_memory.fall_back_if_crowded()
-            if pending is not None:
-                consume(pending)
-            pending = metrics
+            if len(pending) >= metrics_every:
+                consume(pending)  # the steps before the one just queued
+            pending.append(metrics)
             if preemption.stop_after_step():
                 preempted = True
                 break
-        if pending is not None:
+        if pending:
             consume(pending)
     return state, preempted
 
 
-def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh) -> dict[str, float]:
+def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *,
+             prefetch: int) -> dict[str, float]:
     """Epoch validation metrics: batch values weighted by their real examples (the last
-    batch is padded), and the competition's per-image Dice over every example."""
+    batch is padded), and the competition's per-image Dice over every example.
+
+    The batches' metrics stay on the devices until the last batch is queued: the host
+    never waits for a batch before sending the next."""
     weighted = {"val_loss": 0.0, "val_dice_coe": 0.0, "val_accuracy": 0.0}
     dice_sum = examples = 0.0
-    for batch in parallel.prefetch_to_devices(batches, mesh):
-        metrics = jax.device_get(eval_fn(variables, batch))
+    on_devices = [eval_fn(variables, batch)
+                  for batch in parallel.prefetch_to_devices(batches, mesh, prefetch)]
+    for metrics in jax.device_get(on_devices):
         count = float(metrics["num_images"])
         if count == 0:
             continue
@@ -242,7 +255,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
             state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
                                            config.epochs, mesh, last_good, progress.epoch,
-                                           preemption)
+                                           preemption, prefetch=config.prefetch_batches,
+                                           metrics_every=config.metrics_every_steps)
             if preempted:
                 ckpt.save_preempted(epoch * fold_data.steps_per_epoch
                                     + progress.epoch.steps_done, state, saved_progress())
@@ -253,7 +267,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                num_batches=fold_data.val_batches, global_order=config.deterministic), mesh)
+                num_batches=fold_data.val_batches, global_order=config.deterministic), mesh,
+                prefetch=config.prefetch_batches)
             raise_if_not_finite(val_metrics, "val_loss",
                                 f"fold {fold}, epoch {epoch + 1}, validation", last_good)
             progress.num_val_examples = val_metrics.pop("num_val_examples")

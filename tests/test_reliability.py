@@ -42,9 +42,9 @@ PYTHON_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.MULTIL
 DIVERGING_TRAINER = """
 from jaxseg import cli, train
 original = train.train_epoch
-def diverging(state, step_fn, batches, lr, fold_data, epoch, *rest):
+def diverging(state, step_fn, batches, lr, fold_data, epoch, *rest, **options):
     return original(state, step_fn, batches, 1e30 if epoch >= 1 else lr, fold_data, epoch,
-                    *rest)
+                    *rest, **options)
 train.train_epoch = diverging
 train.define_flags()
 cli.run_main(train.main)

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import cpu as cpu_config
-from jaxseg import data, models, parallel, records, steps, train
+from jaxseg import cli, data, models, parallel, records, steps, train
 
 SIZE = 64
 
@@ -212,3 +212,95 @@ def test_frozen_encoder_keeps_weights_and_statistics():
                      for a, b in zip(jax.tree.leaves(after.params[name]),
                                      jax.tree.leaves(variables["params"][name]))]
     assert max(decoder_moved) > 0
+
+
+class _StopAfter:
+    """A preemption watch whose notice arrives after the given step."""
+
+    def __init__(self, step: int | None):
+        self.step, self.calls = step, 0
+
+    def stop_after_step(self) -> bool:
+        self.calls += 1
+        return self.calls == self.step
+
+
+def _run_epoch(monkeypatch, losses, metrics_every, stop_after=None):
+    """train_epoch over fake steps whose loss is losses[k] at step k; returns (result,
+    progress, reads): reads holds, for each time the host read metrics back, how many steps
+    had been queued then and how many steps it read."""
+    mesh = parallel.make_mesh()
+    queued, reads = [0], []
+    device_get = jax.device_get
+
+    def step_fn(state, batch, learning_rate):
+        queued[0] += 1
+        value = jnp.mean(batch["image"]) * 0 + losses[queued[0] - 1]
+        return state + 1, {"loss": value, "dice_coe": value / 10, "accuracy": value / 100}
+
+    def counted_device_get(tree):
+        reads.append((queued[0], len(tree)))
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", counted_device_get)
+    batches = ({"image": np.zeros((jax.device_count(), 2, 2, 3), np.float32)}
+               for _ in losses)
+    fold_data = train.FoldData(0, [], [], len(losses), 1, 8, 8)
+    progress = train.EpochProgress()
+    result = train.train_epoch(
+        jnp.zeros(()), step_fn, batches, 1e-3, fold_data, 0, 1, mesh, "nothing saved",
+        progress, _StopAfter(stop_after), prefetch=2, metrics_every=metrics_every)
+    return result, progress, reads
+
+
+@pytest.mark.parametrize("metrics_every", [1, 3, 10])
+def test_epoch_reads_metrics_back_in_groups_after_queuing_the_next_step(monkeypatch,
+                                                                         metrics_every):
+    losses = [0.5, 0.25, 1.0, 2.0, 4.0, 0.125, 8.0]
+    (state, preempted), progress, reads = _run_epoch(monkeypatch, losses, metrics_every)
+    assert int(state) == 7 and not preempted
+    assert progress.steps_done == 7
+    assert progress.totals == pytest.approx({"loss": 15.875, "dice_coe": 1.5875,
+                                             "accuracy": 0.15875})
+    # Every group but the last is read once the step after it is queued.
+    expected, read = [], 0
+    while read < 7:
+        group = min(metrics_every, 7 - read)
+        read += group
+        expected.append((min(read + 1, 7), group))
+    assert reads == expected
+
+
+def test_a_nan_loss_names_its_step_though_read_late(monkeypatch):
+    losses = [0.5, 0.5, 0.5, 0.5, float("nan"), 0.5, 0.5]
+    with pytest.raises(cli.Diverged, match="fold 0, epoch 1, step 5: loss is nan"):
+        _run_epoch(monkeypatch, losses, metrics_every=3)
+
+
+def test_preemption_reads_every_step_it_ran(monkeypatch):
+    (state, preempted), progress, _ = _run_epoch(monkeypatch, [1.0] * 7, metrics_every=3,
+                                                 stop_after=4)
+    assert preempted and int(state) == 4 and progress.steps_done == 4
+    assert progress.totals["loss"] == 4.0
+
+
+def test_validation_reads_its_metrics_back_once(monkeypatch):
+    mesh = parallel.make_mesh()
+    reads = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: reads.append(len(tree)) or
+                        device_get(tree))
+
+    def eval_fn(variables, batch):
+        value = jnp.mean(batch["image"])
+        return {"loss": value, "dice_coe": value, "accuracy": value,
+                "num_images": jnp.max(batch["count"]), "per_image_dice_sum": value * 2}
+
+    batches = ({"image": np.full((8, 2, 2, 3), value, np.float32),
+                "count": np.full(8, count, np.float32)}
+               for value, count in [(0.5, 8), (0.25, 8), (1.0, 3)])
+    metrics = train.validate({}, eval_fn, batches, mesh, prefetch=1)
+    assert reads == [3]
+    assert metrics["num_val_examples"] == 19
+    assert metrics["val_loss"] == pytest.approx((8 * 0.5 + 8 * 0.25 + 3 * 1.0) / 19)
+    assert metrics["val_per_image_dice"] == pytest.approx((1.0 + 0.5 + 2.0) / 19)
