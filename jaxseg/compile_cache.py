@@ -11,9 +11,13 @@ cache folder (`$XDG_CACHE_HOME/jaxseg/xla`, else `~/.cache/jaxseg/xla`), or wher
 """
 from __future__ import annotations
 
+import json
 import os
 
 OFF = "off"
+# Beside the cached programs: how long each kind of step took to compile when it was not
+# in the cache, which a run announces before compiling it again.
+SECONDS_FILE = "jaxseg-compile-seconds.json"
 # Programs compiled faster than this are not worth a disk entry (JAX's default too).
 MIN_COMPILE_SECONDS = 1.0
 
@@ -53,3 +57,40 @@ def enable_from_flags() -> str | None:
     from absl import flags
 
     return enable(flags.FLAGS.compile_cache)
+
+
+def _seconds_file():
+    import jax
+
+    from jaxseg import paths
+
+    directory = jax.config.jax_compilation_cache_dir
+    if not (jax.config.jax_enable_compilation_cache and directory):
+        return None
+    return paths.path(directory) / SECONDS_FILE
+
+
+def remembered_seconds(key: str) -> float | None:
+    """How long the program `key` names took to compile when it was last compiled here."""
+    path = _seconds_file()
+    try:
+        return float(json.loads(path.read_text())[key]) if path is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # nothing remembered yet, or a file another version wrote
+
+
+def remember_seconds(key: str, seconds: float) -> None:
+    """Best effort: a cache folder that cannot be written only loses the announcement."""
+    from jaxseg import paths
+
+    path = _seconds_file()
+    if path is None:
+        return
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known = known if isinstance(known, dict) else {}
+        known[key] = round(seconds, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.atomic_write(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+    except (OSError, ValueError):
+        pass

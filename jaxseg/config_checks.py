@@ -7,17 +7,23 @@ a bad value that still reaches them is a bug of ours.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping
 
 import ml_collections
 
-from jaxseg import cli
-from jaxseg.models import BACKBONES, INPUT_MULTIPLE
+from jaxseg import cli, paths
+from jaxseg.models import BACKBONES, IMPL_FIELDS, INPUT_MULTIPLE
 from jaxseg.models.build import LAYER_VARIANTS
 
 LOSSES = ("dice", "bce_dice")
 
 Config = Mapping[str, Any] | ml_collections.ConfigDict
+# Fields a resumed run may change: extending training, choosing other folds, how layers are
+# computed and how the host feeds the devices (never what they compute; absent from runs
+# made before these fields).
+RESUMABLE_CHANGES = ("epochs", "folds", *IMPL_FIELDS, "remat", "prefetch_batches",
+                     "metrics_every_steps")
 
 
 def check_model_config(config: Config) -> None:
@@ -77,3 +83,20 @@ def chosen_folds(config: ml_collections.ConfigDict) -> list[int]:
         raise cli.InputError(f"config.folds: {folds!r} is not a list of folds in "
                              f"0..{num_folds - 1}")
     return chosen
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path) -> None:
+    """A workdir holding an earlier run's progress must have been made with the same
+    settings; one that an attempt left before its first checkpoint (killed while
+    compiling, say) is taken over."""
+    from jaxseg import run_files  # orbax, for the checkpoints: only where a run is resumed
+
+    path = workdir / "config.json"
+    if not (path.exists() and run_files.holds_progress(workdir)):
+        return
+    previous, current = paths.read_json(path), json.loads(config.to_json_best_effort())
+    for key in sorted(set(previous) | set(current)):
+        if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
+            raise cli.InputError(f"{workdir}: holds a run with config.{key}="
+                                 f"{previous.get(key)!r}, this one has {current.get(key)!r}; "
+                                 "use another --workdir")

@@ -20,12 +20,13 @@ import flax.linen as nn
 import h5py
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
 from flax import traverse_util
 
-from jaxseg import cli, paths
+from jaxseg import cli, paths, processes
 from jaxseg.models import BACKBONES, INPUT_MULTIPLE, EfficientNet, Unet, UnetDecoder, build_model
 
 VARIABLES_DIR = "variables"
@@ -226,6 +227,27 @@ def load_converted(directory: str | os.PathLike) -> tuple[dict, dict]:
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / VARIABLES_DIR)
     return jax.tree.map(np.asarray, variables), meta
+
+
+def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
+    """The converted weights `init_from` names, checked against the config (by process 0,
+    for all) before the run writes anything; None when the model starts from random
+    weights."""
+    if not config.init_from:
+        return None
+
+    def check_meta() -> None:
+        meta = read_meta(config.init_from)
+        if meta.get("backbone") != config.backbone:
+            raise cli.InputError(f"config.init_from: {config.init_from} holds "
+                                 f"{meta.get('backbone')} weights, config.backbone is "
+                                 f"{config.backbone}")
+        if meta.get("normalize_input", False) != config.normalize_input:
+            raise cli.InputError(f"config.normalize_input: the weights in {config.init_from} "
+                                 f"expect normalize_input={meta.get('normalize_input', False)}")
+
+    processes.decided_by_main(check_meta)
+    return load_converted(config.init_from)[0]
 
 
 def define_flags() -> None:

@@ -7,8 +7,10 @@ import io
 import json
 import os
 import shutil
+import statistics
 import tempfile
-from typing import Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -62,6 +64,82 @@ def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, lis
     summary["other"] = [round(sum(sum(seconds) for name, seconds in compile_seconds.items()
                                   if name not in named), 2)]
     return summary
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 45s, 12m30s, 3h05m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class RunClock:
+    """The pace of the run's epochs so far, for the time left in the fold and the run.
+
+    The first epoch a process runs also compiles the steps, so the pace is the median of
+    the later epochs once there are any. Early stopping can end a fold sooner: the
+    estimates are what is left at most.
+    """
+
+    def __init__(self, epochs_left: int):
+        self.epochs_left = epochs_left
+        self._epoch_seconds: list[float] = []
+
+    def skip(self, epochs: int) -> None:
+        """Epochs that will not run: done by an earlier attempt, or cut by early stopping."""
+        self.epochs_left -= epochs
+
+    def epoch_done(self, seconds: float) -> None:
+        self._epoch_seconds.append(seconds)
+        self.epochs_left -= 1
+
+    def time_left(self, epochs_left_in_fold: int) -> str:
+        pace = statistics.median(self._epoch_seconds[1:] or self._epoch_seconds)
+        return (f"ETA fold {duration(pace * epochs_left_in_fold)}, "
+                f"run {duration(pace * self.epochs_left)}")
+
+
+class FirstCompile:
+    """Says that a step program is compiling before its first call (a minute or more for
+    a large model: a silent wait looks like a hang), how long the same program took to
+    compile last time, and afterwards how long it took now. The last time is kept beside
+    the persistent compilation cache, whose hits take seconds."""
+
+    def __init__(self, what: str, key: str, say: Callable[[str], None], remember: bool):
+        self._what, self._key, self._say, self._remember = what, key, say, remember
+        self.done = False
+        self._untaken_seconds = 0.0
+
+    def compile(self, program: Any, *args: Any) -> None:
+        """Compiles `program` for `args` ahead of its first call, which then finds it in
+        jit's own cache."""
+        if self.done:
+            return
+        from jaxseg import compile_cache
+
+        last = compile_cache.remembered_seconds(self._key)
+        self._say(f"compiling the {self._what}"
+                  + (f" (last compile: {duration(last)})" if last else "") + " ...")
+        started = time.perf_counter()
+        with compile_log() as seconds:
+            program.lower(*args).compile()
+        took = time.perf_counter() - started
+        cached = CACHE_RETRIEVALS in seconds and not any(
+            name != CACHE_RETRIEVALS for name in seconds)
+        self._say(f"{self._what} ready in {duration(took)}"
+                  + (" (read from the compilation cache)" if cached else ""))
+        if self._remember and not cached:
+            compile_cache.remember_seconds(self._key, took)
+        self.done = True
+        self._untaken_seconds = took
+
+    def take_seconds(self) -> float:
+        """Seconds spent compiling since the last call: an epoch's images/s leaves them out."""
+        seconds, self._untaken_seconds = self._untaken_seconds, 0.0
+        return seconds
 
 
 def plot_curves(history: dict[str, list[float]], path: str | os.PathLike, title: str) -> None:

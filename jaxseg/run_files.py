@@ -39,10 +39,15 @@ def write_fold_files(fold_dir: paths.Path, train_files: list[str],
     paths.atomic_write(fold_dir / "val_files.txt", "\n".join(val_files) + "\n")
 
 
+def write_fold_history(fold_dir: paths.Path, history: dict[str, list], fold: int) -> None:
+    """The history and its curves so far, rewritten after every epoch."""
+    reporting.write_json(fold_dir / "history.json", history)
+    reporting.plot_curves(history, fold_dir / "curves.png", title=f"fold {fold}")
+
+
 def write_fold_result(fold_dir: paths.Path, history: dict[str, list], result: dict) -> None:
     """History and curves, then the result, whose presence says the fold is finished."""
-    reporting.write_json(fold_dir / "history.json", history)
-    reporting.plot_curves(history, fold_dir / "curves.png", title=f"fold {result['fold']}")
+    write_fold_history(fold_dir, history, result["fold"])
     reporting.write_json(fold_dir / checkpoints.FOLD_RESULT, result)
 
 

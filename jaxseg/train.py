@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -27,54 +26,10 @@ from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from jaxseg import (checkpoints, cli, compile_cache, config_checks, data, host_memory, locking,
-                    models, parallel, paths, processes, reporting, run_files, steps)
+from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
+                    locking, models, parallel, paths, processes, reporting, run_files, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 from jaxseg.progress import HISTORY_KEYS, EpochProgress, FoldProgress
-
-# Fields a resumed run may change: extending training, choosing other folds, how layers are
-# computed and how the host feeds the devices (never what they compute; absent from runs
-# made before these fields).
-RESUMABLE_CHANGES = ("epochs", "folds", *models.IMPL_FIELDS, "remat", "prefetch_batches",
-                     "metrics_every_steps")
-
-
-def load_init_weights(config: ml_collections.ConfigDict) -> dict | None:
-    """The converted weights `init_from` names, checked against the config (by process 0,
-    for all) before the run writes anything; None when the model starts from random
-    weights."""
-    if not config.init_from:
-        return None
-    from jaxseg import convert
-
-    def check_meta() -> None:
-        meta = convert.read_meta(config.init_from)
-        if meta.get("backbone") != config.backbone:
-            raise cli.InputError(f"config.init_from: {config.init_from} holds "
-                                 f"{meta.get('backbone')} weights, config.backbone is "
-                                 f"{config.backbone}")
-        if meta.get("normalize_input", False) != config.normalize_input:
-            raise cli.InputError(f"config.normalize_input: the weights in {config.init_from} "
-                                 f"expect normalize_input={meta.get('normalize_input', False)}")
-
-    processes.decided_by_main(check_meta)
-    return convert.load_converted(config.init_from)[0]
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path) -> None:
-    """A workdir holding an earlier run's progress must have been made with the same
-    settings; one that an attempt left before its first checkpoint (killed while
-    compiling, say) is taken over."""
-    path = workdir / "config.json"
-    if not (path.exists() and run_files.holds_progress(workdir)):
-        return
-    previous, current = paths.read_json(path), json.loads(config.to_json_best_effort())
-    for key in sorted(set(previous) | set(current)):
-        if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
-            raise cli.InputError(f"{workdir}: holds a run with config.{key}="
-                                 f"{previous.get(key)!r}, this one has {current.get(key)!r}; "
-                                 "use another --workdir")
-
 
 @dataclasses.dataclass
 class FoldData:
@@ -108,7 +63,9 @@ class Preempted(Exception):
 def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
                 fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str,
                 progress: EpochProgress, preemption: processes.PreemptionWatch, *,
-                prefetch: int, metrics_every: int) -> tuple[steps.TrainState, bool]:
+                prefetch: int, metrics_every: int,
+                first_compile: reporting.FirstCompile | None = None
+                ) -> tuple[steps.TrainState, bool]:
     """Runs the epoch's remaining steps, adding them to `progress`; True when a
     preemption notice stopped it after a step (the same step on every process).
 
@@ -138,6 +95,8 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
             steps_metrics.clear()
 
         for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh, prefetch)):
+            if first_compile is not None:
+                first_compile.compile(step_fn, state, batch, learning_rate)
             state, metrics = step_fn(state, batch, learning_rate)
             if step == 0 and host_memory.keeps_freed_memory():
                 jax.block_until_ready(metrics)  # the step's buffers, allocated once
@@ -153,18 +112,28 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
     return state, preempted
 
 
-def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *,
-             prefetch: int) -> dict[str, float]:
+def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *, prefetch: int,
+             metrics_every: int, num_batches: int | None = None) -> dict[str, float]:
     """Epoch validation metrics: batch values weighted by their real examples (the last
     batch is padded), and the competition's per-image Dice over every example.
 
-    The batches' metrics stay on the devices until the last batch is queued: the host
-    never waits for a batch before sending the next."""
+    As in training, the host reads the batches' metrics back `metrics_every` at a time,
+    once the next batch is queued, and shows them on a progress bar."""
     weighted = {"val_loss": 0.0, "val_dice_coe": 0.0, "val_accuracy": 0.0}
     dice_sum = examples = 0.0
-    on_devices = [eval_fn(variables, batch)
-                  for batch in parallel.prefetch_to_devices(batches, mesh, prefetch)]
-    for metrics in jax.device_get(on_devices):
+    read: list[dict] = []
+    with tqdm(total=num_batches, unit="batch", leave=False, dynamic_ncols=True,
+              desc="validation", disable=not processes.is_main()) as bar:
+        pending: list = []
+        for batch in parallel.prefetch_to_devices(batches, mesh, prefetch):
+            metrics = eval_fn(variables, batch)
+            if len(pending) >= metrics_every:
+                read += jax.device_get(pending)
+                bar.update(len(pending))
+                pending.clear()
+            pending.append(metrics)
+        read += jax.device_get(pending)
+    for metrics in read:
         count = float(metrics["num_images"])
         if count == 0:
             continue
@@ -210,16 +179,30 @@ def start_fold(config: ml_collections.ConfigDict, fold: int, ckpt: checkpoints.F
     return host_state, progress
 
 
+@dataclasses.dataclass
+class RunContext:
+    """What the folds of a run share: programs, devices, starting weights, the clock."""
+    model: models.Unet
+    compiled: steps.CompiledSteps
+    mesh: Any
+    init_weights: dict | None
+    preemption: processes.PreemptionWatch
+    clock: reporting.RunClock
+    first_compile: reporting.FirstCompile
+
+
 def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: FoldData,
-               model: models.Unet, compiled: steps.CompiledSteps, mesh,
-               init_weights: dict | None, preemption: processes.PreemptionWatch) -> dict:
+               run: RunContext) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
+    compiled, mesh = run.compiled, run.mesh
     is_main = processes.is_main()
     if is_main:
         run_files.write_fold_files(fold_dir, fold_data.train_files, fold_data.val_files)
     fold_started = time.time()
     ckpt = checkpoints.FoldCheckpoints(fold_dir)
-    host_state, progress = start_fold(config, fold, ckpt, model, compiled, init_weights)
+    host_state, progress = start_fold(config, fold, ckpt, run.model, compiled,
+                                      run.init_weights)
+    run.clock.skip(progress.epochs_done)
     attempt_started = fold_started - progress.elapsed_s
     plateau = ReduceLROnPlateau(factor=config.plateau_factor, patience=config.plateau_patience,
                                 min_lr=config.min_learning_rate,
@@ -253,10 +236,16 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     steps_done=progress.epoch.steps_done))
             step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
+            steps_before, train_started = progress.epoch.steps_done, time.time()
             state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
                                            config.epochs, mesh, last_good, progress.epoch,
-                                           preemption, prefetch=config.prefetch_batches,
-                                           metrics_every=config.metrics_every_steps)
+                                           run.preemption, prefetch=config.prefetch_batches,
+                                           metrics_every=config.metrics_every_steps,
+                                           first_compile=run.first_compile)
+            images_per_s = ((progress.epoch.steps_done - steps_before) * host_batch
+                            * jax.process_count()
+                            / max(time.time() - train_started
+                                  - run.first_compile.take_seconds(), 1e-6))
             if preempted:
                 ckpt.save_preempted(epoch * fold_data.steps_per_epoch
                                     + progress.epoch.steps_done, state, saved_progress())
@@ -268,7 +257,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 num_batches=fold_data.val_batches, global_order=config.deterministic), mesh,
-                prefetch=config.prefetch_batches)
+                prefetch=config.prefetch_batches, metrics_every=config.metrics_every_steps,
+                num_batches=fold_data.val_batches)
             raise_if_not_finite(val_metrics, "val_loss",
                                 f"fold {fold}, epoch {epoch + 1}, validation", last_good)
             progress.num_val_examples = val_metrics.pop("num_val_examples")
@@ -281,6 +271,9 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             logs = {"epoch": epoch + 1, **train_metrics, **val_metrics, "lr": lr}
             for key in HISTORY_KEYS:
                 progress.history[key].append(logs[key])
+            if is_main:
+                run_files.write_fold_history(fold_dir, progress.history, fold)
+            run.clock.epoch_done(time.time() - epoch_started)
             progress.lr = plateau.update(logs["val_loss"], lr)
             improved, progress.stopped = early_stopping.update(epoch, logs["val_dice_coe"])
             if improved:
@@ -288,6 +281,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                     "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
                     "val_per_image_dice": logs["val_per_image_dice"],
                     "num_val_examples": progress.num_val_examples})
+            if progress.stopped:
+                run.clock.skip(config.epochs - epoch - 1)
             processes.report(
                 f"fold {fold} epoch {epoch + 1}/{config.epochs} "
                 f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
@@ -295,9 +290,12 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
                 f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
                 + (" *best*" if improved else "")
-                + (f" -> lr {progress.lr:.3g}" if progress.lr != lr else ""))
+                + (f" -> lr {progress.lr:.3g}" if progress.lr != lr else "")
+                + f" - {images_per_s:.1f} img/s - "
+                + run.clock.time_left(0 if progress.stopped else config.epochs - epoch - 1))
             if scalars is not None:
-                scalars.write(epoch + 1, {k: v for k, v in logs.items() if k != "epoch"})
+                scalars.write(epoch + 1, {**{k: v for k, v in logs.items() if k != "epoch"},
+                                          "images_per_second": images_per_s})
             progress.epochs_done = epoch + 1
             ckpt.save_latest(progress.epochs_done, state, saved_progress())
             if progress.stopped:
@@ -359,12 +357,21 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     model = models.build_model(config, bn_axis_name=parallel.AXIS)
     compiled = steps.CompiledSteps(model, config.loss, mesh)
     results = {}
+    step_key = (f"train step {config.backbone} {config.image_size}px "
+                f"{config.per_device_batch_size}x{jax.device_count()} {jax.devices()[0].platform}"
+                f"{' bf16' if config.half_precision else ''} remat={config.remat} jax "
+                f"{jax.__version__}")
     with processes.PreemptionWatch(mesh) as preemption:
+        run = RunContext(model, compiled, mesh, init_weights, preemption,
+                         reporting.RunClock(config.epochs * len(plans)),
+                         reporting.FirstCompile("train step", step_key, processes.report,
+                                                remember=processes.is_main()))
         for plan in plans:
             fold_dir = workdir / f"fold_{plan.fold}"
             finished = processes.decided_by_main(
                 lambda: run_files.finished_fold_result(fold_dir))
             if finished is not None:
+                run.clock.skip(config.epochs)
                 results[plan.fold] = finished
                 processes.report(f"fold {plan.fold}: finished earlier, best val_dice_coe "
                                  f"{finished['best_val_dice_coe']:.4f}")
@@ -373,8 +380,7 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
                 f"fold {plan.fold}: {len(plan.train_files)} training files "
                 f"({plan.num_train_examples} images, {plan.steps_per_epoch} steps/epoch), "
                 f"{len(plan.val_files)} validation files")
-            results[plan.fold] = train_fold(config, workdir, plan, model, compiled, mesh,
-                                            init_weights, preemption)
+            results[plan.fold] = train_fold(config, workdir, plan, run)
     return results
 
 
@@ -391,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     config_checks.check_train_config(config)
 
     def check_files() -> tuple[list[str], dict[str, int], bool]:
-        check_workdir_config(config, workdir)
+        config_checks.check_workdir_config(config, workdir)
         files = data.list_record_files(config.data_dir)
         data.check_record_files(files, config.image_size)
         return files, data.checked_counts(files, config.data_dir), workdir.exists()
@@ -400,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     splits = data.kfold_splits(files, config.num_folds, config.seed)
     folds = config_checks.chosen_folds(config)
     plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
-    init_weights = load_init_weights(config)
+    init_weights = convert.load_init_weights(config)
     is_main = processes.is_main()
     # Process 0 holds the workdir for the run; the others write nothing of their own.
     with locking.hold(workdir, "a training run") if is_main else contextlib.nullcontext():

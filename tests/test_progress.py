@@ -43,3 +43,4 @@ def test_a_loop_state_this_version_cannot_read_names_the_checkpoint():
     unreadable = {key: value for key, value in EARLIER_LOOP_STATE.items() if key != "plateau"}
     with pytest.raises(cli.InputError, match="^fold_0/latest: its loop state is not one"):
         FoldProgress.from_json(unreadable, "fold_0/latest")
+

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxseg import data, locking, models, records, reporting, train
+from jaxseg import config_checks, data, locking, models, records, reporting
 from test_train import SIZE, tiny_config, toy_tiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +128,9 @@ def _kill_and_rerun(record_dir: Path, workdir: Path) -> subprocess.CompletedProc
                                    stdout=output, stderr=subprocess.STDOUT)
         _kill_when(process, lambda: (workdir / "fold_1" / "latest" / "1").is_dir(), log)
     assert not (workdir / "fold_1" / "result.json").exists()
+    # History and curves are rewritten after every epoch, not only at the fold's end.
+    assert json.loads((workdir / "fold_1" / "history.json").read_text())["epoch"] == [1]
+    assert (workdir / "fold_1" / "curves.png").stat().st_size > 0
     _plant_half_written_checkpoints(workdir / "fold_1")
     return run_train(record_dir, workdir)
 
@@ -294,6 +297,27 @@ def test_half_written_checkpoints_are_cleared_on_resume(runs):
     assert sorted(p.name for p in (fold_dir / "best").iterdir()) == [str(best_epoch)]
 
 
+def test_training_says_what_it_does_while_it_runs(runs):
+    stdout = _finished(runs["uninterrupted"]).stdout
+    lines = stdout.splitlines()
+    first_epoch = next(i for i, line in enumerate(lines) if re.match(r"fold 0 epoch 1/2", line))
+    # Before the first step: that it compiles, then how long that took; once for the run.
+    said = [line for line in lines[:first_epoch] if "train step" in line]
+    assert len(said) == 2 and said[0].startswith("compiling the train step")
+    assert re.fullmatch(r"train step ready in \d+s( \(read from the compilation cache\))?",
+                        said[1])
+    assert sum(line.startswith(("compiling the train step", "train step ready"))
+               for line in lines) == 2
+    epochs = re.findall(r"^fold (\d) epoch (\d)/2 .* - ([\d.]+) img/s - ETA fold (\S+), "
+                        r"run (\S+)$", stdout, re.MULTILINE)
+    assert [(fold, epoch) for fold, epoch, *_ in epochs] == [
+        ("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
+    assert all(float(rate) > 0 for _, _, rate, _, _ in epochs)
+    # After a fold's last epoch nothing is left of it, and after the run's, nothing at all.
+    assert [left for _, epoch, _, left, _ in epochs if epoch == "2"] == ["0s", "0s"]
+    assert epochs[-1][-1] == "0s" and epochs[0][-1] != "0s"
+
+
 def test_training_logs_no_checkpoint_chatter(runs):
     stderr = _finished(runs["uninterrupted"]).stderr.replace("\r", "\n")
     assert PYTHON_LOG_LINE.findall(stderr) == []
@@ -339,10 +363,10 @@ def test_a_workdir_without_progress_is_taken_over_by_another_config(tmp_path, re
     workdir = tmp_path / "run"
     (workdir / "fold_0" / "latest" / "1.orbax-checkpoint-tmp").mkdir(parents=True)
     (workdir / "config.json").write_text(tiny_config(record_dir).to_json_best_effort())
-    train.check_workdir_config(tiny_config(record_dir, image_size=96), workdir)
+    config_checks.check_workdir_config(tiny_config(record_dir, image_size=96), workdir)
     (workdir / "fold_0" / "result.json").write_text("{}")
     with pytest.raises(ValueError, match="config.image_size=64, this one has 96"):
-        train.check_workdir_config(tiny_config(record_dir, image_size=96), workdir)
+        config_checks.check_workdir_config(tiny_config(record_dir, image_size=96), workdir)
 
 
 # --- Numerical faults --------------------------------------------------------------------

@@ -284,7 +284,10 @@ def test_preemption_reads_every_step_it_ran(monkeypatch):
     assert progress.totals["loss"] == 4.0
 
 
-def test_validation_reads_its_metrics_back_once(monkeypatch):
+@pytest.mark.parametrize("metrics_every, expected_reads", [(10, [3]), (2, [2, 1]),
+                                                           (1, [1, 1, 1])])
+def test_validation_reads_its_metrics_back_in_groups(monkeypatch, metrics_every,
+                                                     expected_reads):
     mesh = parallel.make_mesh()
     reads = []
     device_get = jax.device_get
@@ -299,8 +302,9 @@ def test_validation_reads_its_metrics_back_once(monkeypatch):
     batches = ({"image": np.full((8, 2, 2, 3), value, np.float32),
                 "count": np.full(8, count, np.float32)}
                for value, count in [(0.5, 8), (0.25, 8), (1.0, 3)])
-    metrics = train.validate({}, eval_fn, batches, mesh, prefetch=1)
-    assert reads == [3]
+    metrics = train.validate({}, eval_fn, batches, mesh, prefetch=1,
+                             metrics_every=metrics_every, num_batches=3)
+    assert reads == expected_reads
     assert metrics["num_val_examples"] == 19
     assert metrics["val_loss"] == pytest.approx((8 * 0.5 + 8 * 0.25 + 3 * 1.0) / 19)
     assert metrics["val_per_image_dice"] == pytest.approx((1.0 + 0.5 + 2.0) / 19)
