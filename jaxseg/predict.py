@@ -114,33 +114,6 @@ def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
     return predict, global_batch
 
 
-def model_scale_shape(height: int, width: int, reduction: int) -> tuple[int, int]:
-    return -(-height // reduction), -(-width // reduction)
-
-
-def scaled_reader(slide: slides.Slide, reduction: int) -> stitch.ReadWindow:
-    """Reads model-scale windows from the full-resolution slide.
-
-    Model pixel (y, x) is the mean of the full-resolution block starting at
-    (y * reduction, x * reduction); the last blocks of a slide whose size the
-    reduction does not divide are completed by repeating the edge pixels.
-    """
-    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        top, left = y0 * reduction, x0 * reduction
-        bottom = min(y1 * reduction, slide.height)
-        right = min(x1 * reduction, slide.width)
-        pixels = slide.read(top, bottom, left, right)
-        if reduction == 1:
-            return pixels
-        missing_y = (y1 - y0) * reduction - (bottom - top)
-        missing_x = (x1 - x0) * reduction - (right - left)
-        if missing_y or missing_x:
-            pixels = np.pad(pixels, ((0, missing_y), (0, missing_x), (0, 0)), mode="edge")
-        return slides.downscale_area(pixels, reduction)
-
-    return read
-
-
 def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: SlideOptions,
                   description: str = "") -> np.ndarray:
     """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction)).
@@ -149,14 +122,14 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     `options.continue_on_nan`, count as background and the windows are named in one
     warning line per slide.
     """
-    height, width = model_scale_shape(slide.height, slide.width, options.reduction)
+    height, width = slides.model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
     not_finite: list[str] = []
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
               disable=not processes.is_main()) as bar:
         try:
             mask = stitch.predict_mask(
-                grid, scaled_reader(slide, options.reduction), predict_fn, options.threshold,
+                grid, slides.scaled_reader(slide, options.reduction), predict_fn, options.threshold,
                 blend=options.blend, batch_size=options.batch_size, progress=bar.update,
                 on_not_finite=not_finite.append if options.continue_on_nan else None)
         except FloatingPointError as error:
@@ -179,7 +152,7 @@ def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -
     The full-resolution mask (up to 2 G pixels) is never built.
     """
     height, width = shape
-    if mask.shape != model_scale_shape(height, width, reduction):
+    if mask.shape != slides.model_scale_shape(height, width, reduction):
         raise ValueError(f"mask shape {mask.shape} is not {shape} reduced {reduction} times")
     starts, ends = [], []
     cols_per_block = max(1, _RLE_BLOCK_PIXELS // (mask.shape[0] + 1))
@@ -214,8 +187,8 @@ def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int,
 
     step = max(1, math.ceil(max(mask.shape) / OVERLAY_MAX_SIDE))
     factor = reduction * step
-    height, width = model_scale_shape(slide.height, slide.width, factor)
-    read = scaled_reader(slide, factor)
+    height, width = slides.model_scale_shape(slide.height, slide.width, factor)
+    read = slides.scaled_reader(slide, factor)
     rows_per_strip = max(1, _OVERLAY_STRIP_PIXELS // (slide.width * factor))
     image = np.concatenate([read(y0, min(y0 + rows_per_strip, height), 0, width)
                             for y0 in range(0, height, rows_per_strip)]).astype(np.float32)
