@@ -12,7 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from jaxseg import checkpoints, convert, ensembles, evaluate, models, predict, rle, slides
+from jaxseg import (checkpoints, convert, ensembles, evaluate, models, outputs, predict, rle,
+                    slides)
 from unet_variables import random_variables
 
 TILE = 64
@@ -156,7 +157,7 @@ def submission(fake_run, images, tmp_path_factory):
     predict_fn, _ = predict.make_batch_predictor(ensemble, "none", per_device_batch=1)
     out = tmp_path_factory.mktemp("sub") / "submission.csv"
     predict.predict_to_csv(predict.find_images(str(images / "*")), predict_fn, options(), out,
-                           overlays=out.parent / "overlays")
+                           outputs.SlideOutputs(overlays=out.parent / "overlays"))
     return out, predict_fn
 
 
