@@ -68,12 +68,12 @@ def _make_slide(path: Path, size: int) -> None:
 def _windows(slide_path: Path, tile: int, reduction: int, overlap: float
              ) -> tuple[np.ndarray, float]:
     """Every window jaxseg.predict would read, and the seconds reading them took."""
-    from jaxseg import predict, slides, stitch
+    from jaxseg import slides, stitch
 
     with slides.open_slide(slide_path) as slide:
-        height, width = predict.model_scale_shape(slide.height, slide.width, reduction)
+        height, width = slides.model_scale_shape(slide.height, slide.width, reduction)
         grid = stitch.plan_windows(height, width, tile, round(overlap * tile))
-        read = predict.scaled_reader(slide, reduction)
+        read = slides.scaled_reader(slide, reduction)
         start = time.perf_counter()
         windows = np.stack([stitch.pad_to_tile(read(y, min(y + tile, height), x,
                                                      min(x + tile, width)), tile)
@@ -121,7 +121,7 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
     allocator = host_memory.use_fast_allocator()  # as `jaxseg.predict` does (preloaded: _run)
     import jax
 
-    from jaxseg import convert, ensembles, predict, stitch
+    from jaxseg import convert, ensembles, predict, slides, stitch
 
     converted = Path(settings["converted"])
     shutil.rmtree(converted, ignore_errors=True)  # the Keras stage wrote new weights
@@ -150,7 +150,7 @@ def _jax_stage(settings: dict, results: multiprocessing.Queue) -> None:
                "pipeline_seconds": pipeline_seconds, "rss_after_compile_mib": rss_before,
                "pipeline_peak_rss_mib": pipeline_rss,
                "windows": stitch.plan_windows(
-                   *predict.model_scale_shape(*_slide_shape(settings["slide"]),
+                   *slides.model_scale_shape(*_slide_shape(settings["slide"]),
                                               ensemble.reduction),
                    ensemble.tile, options.overlap).num_windows}
     if settings["pipeline_only"]:

@@ -2,7 +2,8 @@
 
 Runs the same commands a user runs on the competition data, printing each one first:
 synthetic slides (made once) -> tiles -> K-fold training of the CPU config (one fold by
-default) -> whole-slide prediction of the held-out test slides -> Dice against their truth.
+default) -> whole-slide prediction of the held-out test slides (and their polygons, mask
+pyramids, statistics and TP/FP/FN overlays in outputs/) -> Dice against their truth.
 Each stage is skipped when its output already exists, so an interrupted demo resumes.
 """
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main() -> None:
         f"--config.epochs={options.epochs}"], run / "summary.json")
     run_stage("whole-slide prediction of the test slides", [
         "-m", "jaxseg.predict", f"--workdir={run}", f"--images={slides / 'test' / '*.tiff'}",
-        f"--out={submission}"], submission)
+        f"--out={submission}", f"--out_dir={root / 'outputs'}",
+        "--outputs=geojson,mask_tiff,stats,overlay", f"--truth={slides / 'test_truth.csv'}"],
+        submission)
     run_stage("Dice against the test truth", [
         "-m", "jaxseg.evaluate", f"--pred={submission}", f"--truth={slides / 'test_truth.csv'}",
         f"--images={slides / 'test' / '*.tiff'}"], root / "never-skipped")

@@ -9,15 +9,15 @@ TTA, the four flips of each window, averaged as probabilities. The windows are b
 `jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
 bool mask at model scale; the full-resolution RLE is computed from it directly.
 Several processes (the hosts of a pod slice) each predict their share of the slides
-on their own devices, and process 0 writes the submission.
+on their own devices, and process 0 writes the submission. With `--out_dir`, each slide
+also gets the files `jaxseg.outputs` writes (polygons, a mask pyramid, statistics), and a
+rerun skips the slides whose files all exist.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import functools
-import io
-import math
 import os
 import sys
 from typing import Callable
@@ -27,15 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxseg import (cli, compile_cache, host_memory, models, parallel, paths, processes, slides,
-                    stitch)
+from jaxseg import (cli, compile_cache, host_memory, models, outputs, parallel, paths, processes,
+                    slides, stitch)
 from jaxseg.ensembles import SEED_REDUCTION, SEED_TILE_SIZE, Ensemble, load_ensemble
 
 TTA_MODES = ("none", "flips")
-OVERLAY_MAX_SIDE = 2048
-_OVERLAY_COLOUR = np.array([255, 0, 0], np.float32)
-_OVERLAY_OPACITY = 0.45
-_OVERLAY_STRIP_PIXELS = 1 << 24
 _RLE_BLOCK_PIXELS = 1 << 25
 
 
@@ -114,50 +110,25 @@ def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
     return predict, global_batch
 
 
-def model_scale_shape(height: int, width: int, reduction: int) -> tuple[int, int]:
-    return -(-height // reduction), -(-width // reduction)
-
-
-def scaled_reader(slide: slides.Slide, reduction: int) -> stitch.ReadWindow:
-    """Reads model-scale windows from the full-resolution slide.
-
-    Model pixel (y, x) is the mean of the full-resolution block starting at
-    (y * reduction, x * reduction); the last blocks of a slide whose size the
-    reduction does not divide are completed by repeating the edge pixels.
-    """
-    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        top, left = y0 * reduction, x0 * reduction
-        bottom = min(y1 * reduction, slide.height)
-        right = min(x1 * reduction, slide.width)
-        pixels = slide.read(top, bottom, left, right)
-        if reduction == 1:
-            return pixels
-        missing_y = (y1 - y0) * reduction - (bottom - top)
-        missing_x = (x1 - x0) * reduction - (right - left)
-        if missing_y or missing_x:
-            pixels = np.pad(pixels, ((0, missing_y), (0, missing_x), (0, 0)), mode="edge")
-        return slides.downscale_area(pixels, reduction)
-
-    return read
-
-
 def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: SlideOptions,
-                  description: str = "") -> np.ndarray:
-    """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction)).
+                  description: str = "", probabilities: np.ndarray | None = None) -> np.ndarray:
+    """Bool mask of the slide at model scale, (ceil(H / reduction), ceil(W / reduction)),
+    and, into `probabilities` when given, the uint8 probabilities (see stitch.predict_mask).
 
     NaN or infinite probabilities stop with the slide and window named, or, with
     `options.continue_on_nan`, count as background and the windows are named in one
     warning line per slide.
     """
-    height, width = model_scale_shape(slide.height, slide.width, options.reduction)
+    height, width = slides.model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
     not_finite: list[str] = []
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
               disable=not processes.is_main()) as bar:
         try:
             mask = stitch.predict_mask(
-                grid, scaled_reader(slide, options.reduction), predict_fn, options.threshold,
-                blend=options.blend, batch_size=options.batch_size, progress=bar.update,
+                grid, slides.scaled_reader(slide, options.reduction), predict_fn, options.threshold,
+                probabilities, blend=options.blend, batch_size=options.batch_size,
+                progress=bar.update,
                 on_not_finite=not_finite.append if options.continue_on_nan else None)
         except FloatingPointError as error:
             raise cli.Diverged(f"{slide.path}: {error} (pixels at 1/{options.reduction} "
@@ -179,7 +150,7 @@ def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -
     The full-resolution mask (up to 2 G pixels) is never built.
     """
     height, width = shape
-    if mask.shape != model_scale_shape(height, width, reduction):
+    if mask.shape != slides.model_scale_shape(height, width, reduction):
         raise ValueError(f"mask shape {mask.shape} is not {shape} reduced {reduction} times")
     starts, ends = [], []
     cols_per_block = max(1, _RLE_BLOCK_PIXELS // (mask.shape[0] + 1))
@@ -207,26 +178,6 @@ def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -
     return " ".join(map(str, pairs.tolist()))
 
 
-def write_overlay(slide: slides.Slide, mask: np.ndarray, reduction: int,
-                  path: paths.Path) -> None:
-    """PNG of the slide, at most OVERLAY_MAX_SIDE px, with the predicted mask tinted red."""
-    from PIL import Image
-
-    step = max(1, math.ceil(max(mask.shape) / OVERLAY_MAX_SIDE))
-    factor = reduction * step
-    height, width = model_scale_shape(slide.height, slide.width, factor)
-    read = scaled_reader(slide, factor)
-    rows_per_strip = max(1, _OVERLAY_STRIP_PIXELS // (slide.width * factor))
-    image = np.concatenate([read(y0, min(y0 + rows_per_strip, height), 0, width)
-                            for y0 in range(0, height, rows_per_strip)]).astype(np.float32)
-    small_mask = mask[::step, ::step]
-    image[small_mask] += _OVERLAY_OPACITY * (_OVERLAY_COLOUR - image[small_mask])
-    png = io.BytesIO()
-    Image.fromarray(np.round(image).astype(np.uint8)).save(png, format="png")
-    paths.make_parent(path)
-    paths.atomic_write(path, png.getvalue())
-
-
 def find_images(pattern: str) -> list[paths.Path]:
     found = paths.glob(pattern)
     if not found:
@@ -248,30 +199,35 @@ def check_readable(images: list[paths.Path]) -> None:
 
 def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
                    options: SlideOptions, out: str | os.PathLike,
-                   overlays: str | os.PathLike | None = None) -> None:
-    """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails.
+                   slide_outputs: outputs.SlideOutputs = outputs.SlideOutputs()) -> None:
+    """Writes `id,predicted` rows to `out`: whole, or nothing if any slide fails; and each
+    slide's `slide_outputs`, a slide whose files all exist being read back, not predicted.
 
-    With several processes each predicts every `process_count`-th image, and process 0
-    writes all rows in the order of `images`.
+    With several processes each predicts every `process_count`-th image and writes its
+    files, and process 0 writes all rows in the order of `images`.
     """
     share = images[jax.process_index()::jax.process_count()]
-    rows = {}
+    rows, stats = {}, {}
     for number, path in enumerate(tqdm(share, desc="slides", unit="slide",
                                        disable=not processes.is_main())):
         image_id = slides.image_id(path)
+        if slide_outputs.finished(image_id):
+            rows[image_id], stats[image_id] = slide_outputs.reuse(image_id)
+            continue
         with slides.open_slide(path) as slide:
+            probabilities = slide_outputs.probability_buffer(slide, options.reduction)
             mask = predict_slide(slide, predict_fn, options,
-                                 f"{image_id} ({number + 1}/{len(share)})")
+                                 f"{image_id} ({number + 1}/{len(share)})", probabilities)
             rows[image_id] = encode_upsampled(mask, options.reduction,
                                               (slide.height, slide.width))
-            if overlays:
-                write_overlay(slide, mask, options.reduction,
-                              paths.path(overlays) / f"{image_id}.png")
-        del mask
+            stats[image_id] = slide_outputs.write(slide, image_id, mask, probabilities,
+                                                  options.reduction, rows[image_id])
+        del mask, probabilities
         host_memory.fall_back_if_crowded()
         host_memory.release_freed_memory()
-    for process_rows in processes.gathered(rows):
+    for process_rows, process_stats in processes.gathered([rows, stats]):
         rows.update(process_rows)
+        stats.update(process_stats)
     if processes.is_main():
         paths.make_parent(out)
         with paths.atomic_open(out) as file:
@@ -279,6 +235,7 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
             writer.writerow(["id", "predicted"])
             writer.writerows([slides.image_id(path), rows[slides.image_id(path)]]
                              for path in images)
+        slide_outputs.write_table([stats[slides.image_id(path)] for path in images])
 
 
 def define_flags() -> None:
@@ -311,7 +268,16 @@ def define_flags() -> None:
                       "and the windows are named in a warning per slide (default: stop, "
                       "naming slide and window).")
     flags.DEFINE_string("overlays", None, "Directory for downscaled PNG overlays of the "
-                        "prediction on each image.")
+                        "prediction on each image (<id>.png).")
+    flags.DEFINE_string("out_dir", None, "Directory for per-slide files (--outputs) and each "
+                        "slide's RLE; a slide whose files all exist is not predicted again.")
+    flags.DEFINE_list("outputs", list(outputs.DEFAULT_KINDS), "Per-slide files in --out_dir: "
+                      "geojson (QuPath polygons), mask_tiff (pyramidal OME-TIFF), stats "
+                      "(CSV row; all in stats.csv), overlay (PNG).")
+    flags.DEFINE_string("truth", None, "RLE CSV (id,encoding, as train.csv): overlays show "
+                        "true positives green, false positives red, false negatives blue.")
+    flags.DEFINE_bool("overwrite", False, "Predict and write slides already finished in "
+                      "--out_dir again.")
     processes.define_flags()
     compile_cache.define_flags()
 
@@ -325,6 +291,7 @@ def main() -> None:
     config = flags.FLAGS
     overlap = cli.overlap_fraction(config.overlap)
     images = find_images(config.images)
+    slide_outputs = outputs.from_flags(config, [slides.image_id(path) for path in images])
     check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
                              config.tile_size, config.reduction, config.allow_unfinished_folds)
@@ -345,7 +312,7 @@ def main() -> None:
               f"overlap {options.overlap} px, {config.blend} blend, TTA {config.tta}, "
               f"{jax.device_count()} devices in {jax.process_count()} process(es)",
               file=sys.stderr, flush=True)
-    predict_to_csv(images, predict_fn, options, config.out, config.overlays)
+    predict_to_csv(images, predict_fn, options, config.out, slide_outputs)
     if processes.is_main():
         print(f"wrote {config.out}", file=sys.stderr)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Protocol
+import xml.etree.ElementTree as ElementTree
+from typing import Callable, Protocol
 
 import numpy as np
 import tifffile
@@ -50,6 +51,7 @@ class _Planes(Protocol):
     width: int
     num_planes: int
     dtype: np.dtype
+    pixel_size: tuple[float, float] | None   # micrometres (y, x), when the file says
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """(h, w, num_planes) window."""
@@ -65,6 +67,7 @@ class _Window:
         self.path = path
         self._planes = planes
         self.height, self.width = planes.height, planes.width
+        self.pixel_size = planes.pixel_size
 
     def _check(self, y0: int, y1: int, x0: int, x1: int) -> None:
         if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
@@ -167,6 +170,34 @@ def downscale_area(image: np.ndarray, factor: int) -> np.ndarray:
     return total / area
 
 
+def model_scale_shape(height: int, width: int, reduction: int) -> tuple[int, int]:
+    return -(-height // reduction), -(-width // reduction)
+
+
+def scaled_reader(slide: Slide, reduction: int) -> Callable[[int, int, int, int], np.ndarray]:
+    """Reads windows of the full-resolution slide at 1/reduction scale (model scale, or
+    an overview).
+
+    Pixel (y, x) is the mean of the full-resolution block starting at
+    (y * reduction, x * reduction); the last blocks of a slide whose size the
+    reduction does not divide are completed by repeating the edge pixels.
+    """
+    def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        top, left = y0 * reduction, x0 * reduction
+        bottom = min(y1 * reduction, slide.height)
+        right = min(x1 * reduction, slide.width)
+        pixels = slide.read(top, bottom, left, right)
+        if reduction == 1:
+            return pixels
+        missing_y = (y1 - y0) * reduction - (bottom - top)
+        missing_x = (x1 - x0) * reduction - (right - left)
+        if missing_y or missing_x:
+            pixels = np.pad(pixels, ((0, missing_y), (0, missing_x), (0, 0)), mode="edge")
+        return downscale_area(pixels, reduction)
+
+    return read
+
+
 def _open_planes(path: paths.Path, for_mask: bool) -> _Planes:
     if not path.is_file():
         raise cli.MissingInput(f"{path}: no such file")
@@ -206,6 +237,7 @@ class _PicturePlanes:
         self._pixels = pixels
         self.height, self.width, self.num_planes = pixels.shape
         self.dtype = pixels.dtype
+        self.pixel_size = None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return self._pixels[y0:y1, x0:x1]
@@ -242,6 +274,7 @@ class _TiffPlanes:
             self._sources += [(index, sample if separate else 0, 0 if separate else sample)
                               for sample in range(page.samplesperpixel)]
         self.num_planes = len(self._sources)
+        self.pixel_size = _pixel_size(self._tiff, pages[0])
 
     def _base_pages(self) -> list[tifffile.TiffPage]:
         """Full-resolution pages of the image, in channel order.
@@ -284,6 +317,30 @@ class _TiffPlanes:
     def _close_remote_file(self) -> None:
         if self._remote_file is not None:
             self._remote_file.close()
+
+
+# OME's length units down to micrometres; OME's default unit is the micrometre.
+_MICROMETRES_PER_UNIT = {"nm": 1e-3, "\u00b5m": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4}
+
+
+def _pixel_size(tiff: tifffile.TiffFile, page: tifffile.TiffPage
+                ) -> tuple[float, float] | None:
+    """(y, x) micrometres per pixel from OME-XML, else from resolution tags in
+    centimetres (as microscopy software writes them). Inch resolutions are ignored:
+    they are what desktop software writes by default (72 dpi), not a scan's pixel."""
+    if tiff.is_ome and tiff.ome_metadata:
+        try:
+            root = ElementTree.fromstring(tiff.ome_metadata)
+            pixels = next(element for element in root.iter() if element.tag.endswith("}Pixels"))
+            size_y, size_x = (float(pixels.attrib[f"PhysicalSize{axis}"]) * _MICROMETRES_PER_UNIT[
+                pixels.attrib.get(f"PhysicalSize{axis}Unit", "\u00b5m")] for axis in "YX")
+            return size_y, size_x
+        except (ElementTree.ParseError, StopIteration, KeyError, ValueError):
+            pass
+    if page.resolutionunit == tifffile.RESUNIT.CENTIMETER and all(page.resolution):
+        per_micrometre_x, per_micrometre_y = page.get_resolution(tifffile.RESUNIT.MICROMETER)
+        return 1 / per_micrometre_y, 1 / per_micrometre_x
+    return None
 
 
 class _SegmentError(ValueError):

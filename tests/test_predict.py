@@ -12,7 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from jaxseg import checkpoints, convert, ensembles, evaluate, models, predict, rle, slides
+from jaxseg import (checkpoints, convert, ensembles, evaluate, models, outputs, predict, rle,
+                    slides)
 from unet_variables import random_variables
 
 TILE = 64
@@ -27,7 +28,7 @@ def upsample(mask, factor, shape):
                                           ((31, 17), 3), ((64, 41), 4)])
 def test_encode_upsampled_equals_rle_of_the_upsampled_mask(shape, factor, monkeypatch):
     monkeypatch.setattr(predict, "_RLE_BLOCK_PIXELS", 20)  # several column blocks
-    small_shape = predict.model_scale_shape(*shape, factor)
+    small_shape = slides.model_scale_shape(*shape, factor)
     rng = np.random.default_rng(sum(shape) + factor)
     masks = [rng.random(small_shape) > 0.5, np.zeros(small_shape, bool),
              np.ones(small_shape, bool), np.eye(*small_shape, dtype=bool)]
@@ -48,10 +49,10 @@ def test_scaled_reader_gives_block_means_with_edges_repeated(tmp_path):
     expected = padded.reshape(8, 3, 6, 3, 3).mean(axis=(1, 3))
     expected = np.floor(expected + 0.5).astype(np.uint8)  # round half up, as downscale_area
     with slides.open_slide(tmp_path / "a.png") as slide:
-        read = predict.scaled_reader(slide, 3)
+        read = slides.scaled_reader(slide, 3)
         np.testing.assert_array_equal(read(0, 8, 0, 6), expected)
         np.testing.assert_array_equal(read(5, 8, 2, 6), expected[5:8, 2:6])
-        np.testing.assert_array_equal(predict.scaled_reader(slide, 1)(3, 9, 4, 5),
+        np.testing.assert_array_equal(slides.scaled_reader(slide, 1)(3, 9, 4, 5),
                                       image[3:9, 4:5])
 
 
@@ -156,7 +157,7 @@ def submission(fake_run, images, tmp_path_factory):
     predict_fn, _ = predict.make_batch_predictor(ensemble, "none", per_device_batch=1)
     out = tmp_path_factory.mktemp("sub") / "submission.csv"
     predict.predict_to_csv(predict.find_images(str(images / "*")), predict_fn, options(), out,
-                           overlays=out.parent / "overlays")
+                           outputs.SlideOutputs(overlays=out.parent / "overlays"))
     return out, predict_fn
 
 
@@ -170,7 +171,7 @@ def test_predict_end_to_end_writes_rles_of_the_predicted_masks(submission, image
         with slides.open_slide(path) as slide:
             shape = (slide.height, slide.width)
             mask = predict.predict_slide(slide, predict_fn, options())
-        assert mask.shape == predict.model_scale_shape(*shape, REDUCTION)
+        assert mask.shape == slides.model_scale_shape(*shape, REDUCTION)
         np.testing.assert_array_equal(rle.decode(encodings[slides.image_id(path)], shape),
                                       upsample(mask, REDUCTION, shape))
         fractions.append(mask.mean())

@@ -222,3 +222,18 @@ def test_downscale_area_matches_block_means(image):
     with pytest.raises(ValueError, match="150 x 230 is not divisible by the downscale "
                                          "factor 4"):
         downscale_area(image, 4)
+
+
+def test_pixel_size_from_ome_xml_or_centimetre_resolution_only(tmp_path, image):
+    """Micrometres (y, x); an inch resolution is a desktop default (72 dpi), not a scan."""
+    tifffile.imwrite(tmp_path / "a.ome.tiff", image, metadata={
+        "PhysicalSizeX": 0.5, "PhysicalSizeY": 250, "PhysicalSizeYUnit": "nm"})
+    tifffile.imwrite(tmp_path / "b.tiff", image, resolution=(20000, 10000),
+                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "c.tiff", image, resolution=(72, 72), resolutionunit="INCH")
+    Image.fromarray(image).save(tmp_path / "d.png")
+    sizes = []
+    for name in ["a.ome.tiff", "b.tiff", "c.tiff", "d.png"]:
+        with open_slide(tmp_path / name) as slide:
+            sizes.append(slide.pixel_size)
+    assert sizes == [(0.25, 0.5), (1.0, 0.5), None, None]
