@@ -16,7 +16,7 @@ from absl import flags
 
 from jaxseg import cli, paths
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.py"
+CONFIG = Path(__file__).resolve().parent / "configs" / "cpu.py"
 MODEL_TILE = 128  # pixels per tile at model scale, as prepare's and predict's --tile_size
 REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
 

@@ -59,7 +59,7 @@ def _env() -> dict[str, str]:
 
 def _train_command(data_dir: Path, workdir: Path, *flags: str,
                    program: tuple[str, ...] = ("-m", "jaxseg.train"),
-                   config_file: str = "configs/cpu.py") -> list[str]:
+                   config_file: str = "jaxseg/configs/cpu.py") -> list[str]:
     return [sys.executable, *program, f"--config={config_file}", *TRAIN_FLAGS,
             f"--config.data_dir={data_dir}", f"--workdir={workdir}", *flags]
 
