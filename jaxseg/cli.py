@@ -177,6 +177,17 @@ def overlap_fraction(overlap: float) -> float:
     return overlap
 
 
+def _help_of(module_name: str) -> None:
+    """`--help` for a command not started by `python -m` (a console script, whose
+    `__main__` is pip's stub): absl shows `__main__`'s docstring and the flags of the
+    module `sys.argv[0]` names, so both are taken from the command's module."""
+    from absl import flags
+
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Runs a command's `main` after absl has parsed its flags (defined beforehand);
     arguments that are not flags are refused, and a USER_ERRORS error becomes one line
@@ -189,6 +200,9 @@ def run_main(main: Callable[[], None]) -> None:
     from absl import app, logging
 
     from jaxseg import paths
+
+    if main.__module__ != "__main__":
+        _help_of(main.__module__)
 
     def guarded(argv: list[str]) -> None:
         # Orbax and TensorFlow log every checkpoint step at INFO; keep warnings only.

@@ -69,6 +69,12 @@ def main() -> None:
         f"--images={slides / 'test' / '*.tiff'}"], root / "never-skipped")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.demo` and the console script `jaxseg-demo` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

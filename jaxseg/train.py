@@ -451,6 +451,12 @@ def main() -> None:
         processes.report(str(preempted))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.train` and the console script `jaxseg-train` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()
