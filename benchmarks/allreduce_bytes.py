@@ -16,8 +16,8 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from configs import b5 as b5_config, cpu as cpu_config  # noqa: E402
 from jaxseg import models, parallel, steps  # noqa: E402
+from jaxseg.configs import b5 as b5_config, cpu as cpu_config  # noqa: E402
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4}
 ALL_REDUCE = re.compile(r'"stablehlo.all_reduce"\((.*?)\}\) : \((.*?)\) ->', re.S)

@@ -26,8 +26,8 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from configs import cpu as cpu_config
     from jaxseg import models, parallel, processes, steps, train  # noqa: E402
+    from jaxseg.configs import cpu as cpu_config
 
     if args.num_processes > 1:
         processes.join(f"localhost:{args.port}", args.num_processes, args.process_id)

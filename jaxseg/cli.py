@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 TRACEBACK_VARIABLE = "JAXSEG_TRACEBACK"
+# Inside the package, so that an installed jaxseg finds its configs from any directory.
+CONFIG_DIR = Path(__file__).resolve().with_name("configs")
 
 
 class InputError(ValueError):
@@ -76,7 +79,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
-        fail(str(error))
+        # absl prefixes a parser's error with the flag and its value; ours names them already.
+        cause = error.__context__
+        fail(str(cause) if isinstance(cause, InputError) else str(error))
     except (AttributeError, KeyError) as error:
         fail(_unknown_config_field(argv, error))
     except OSError as error:
@@ -91,6 +96,63 @@ def parse_flags(argv: list[str]) -> list[str]:
     return remaining
 
 
+def packaged_configs() -> list[str]:
+    """The names `--config=NAME` accepts: the config files installed with jaxseg."""
+    return sorted(file.stem for file in CONFIG_DIR.glob("*.py") if not file.stem.startswith("_"))
+
+
+def config_file(value: str, flag: str = "config") -> str:
+    """A `--config` value as the file ml_collections loads, its `:argument` kept.
+
+    A bare name (no slash, no `.py`) is a config shipped in the package, so a command need
+    not know where pip put it; anything else is a path relative to the working directory,
+    so an edited copy of a config runs as before.
+    """
+    file, colon, argument = value.partition(":")
+    if "/" in file or os.sep in file or file.endswith(".py"):
+        return value
+    if file in packaged_configs():
+        return f"{CONFIG_DIR / file}.py{colon}{argument}"
+    if os.path.isfile(file):
+        return value
+    raise InputError(f"--{flag}={value}: no packaged config {file!r} (known: "
+                     f"{', '.join(packaged_configs())}) and no such file")
+
+
+def _define_for_the_caller() -> None:
+    """The flags this module defines count as the calling command's, so that its `--help`
+    lists them (absl attributes a flag to the module that defines it)."""
+    from absl import flags
+
+    flags.disclaim_key_flags()
+
+
+def define_config_flag(name: str, help_string: str) -> None:
+    """ml_collections' config file flag (`--NAME.FIELD=VALUE` overrides a field) whose
+    value may also name a packaged config (`config_file`)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    _define_for_the_caller()
+
+    class NamedConfigParser(flags.ArgumentParser):
+        def __init__(self, *, file_parser: flags.ArgumentParser) -> None:
+            self.file_parser = file_parser
+
+        def parse(self, argument: str):
+            return self.file_parser.parse(config_file(argument, name))
+
+        def flag_type(self) -> str:
+            return self.file_parser.flag_type()
+
+    # flags.FLAGS looked up here rather than ml_collections' default, bound at its import,
+    # so that a test can parse into a registry of its own.
+    config_flags.DEFINE_config_file(name, None, help_string, flag_values=flags.FLAGS,
+                                    lock_config=True)
+    flag = flags.FLAGS[name]
+    flag.parser = NamedConfigParser(file_parser=flag.parser)
+
+
 def define_tiling_flags(*, tile_size: int | None, reduction: int | None, overlap: float,
                         tile_size_note: str = "", reduction_note: str = "") -> None:
     """--tile_size, --reduction and --overlap with one meaning in every command that cuts
@@ -99,6 +161,7 @@ def define_tiling_flags(*, tile_size: int | None, reduction: int | None, overlap
     full-resolution slide; `overlap` is a fraction of the window."""
     from absl import flags
 
+    _define_for_the_caller()
     flags.DEFINE_integer("tile_size", tile_size, "Window side in pixels at model scale; it "
                          "covers tile_size * reduction full-resolution pixels." + tile_size_note)
     flags.DEFINE_integer("reduction", reduction, "Downscale factor from the full-resolution "
@@ -114,6 +177,17 @@ def overlap_fraction(overlap: float) -> float:
     return overlap
 
 
+def _help_of(module_name: str) -> None:
+    """`--help` for a command not started by `python -m` (a console script, whose
+    `__main__` is pip's stub): absl shows `__main__`'s docstring and the flags of the
+    module `sys.argv[0]` names, so both are taken from the command's module."""
+    from absl import flags
+
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Runs a command's `main` after absl has parsed its flags (defined beforehand);
     arguments that are not flags are refused, and a USER_ERRORS error becomes one line
@@ -126,6 +200,9 @@ def run_main(main: Callable[[], None]) -> None:
     from absl import app, logging
 
     from jaxseg import paths
+
+    if main.__module__ != "__main__":
+        _help_of(main.__module__)
 
     def guarded(argv: list[str]) -> None:
         # Orbax and TensorFlow log every checkpoint step at INFO; keep warnings only.

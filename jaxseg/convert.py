@@ -267,6 +267,11 @@ def main() -> None:
     print(f"wrote {flags.FLAGS.out}: {meta['kind']} weights for {meta['backbone']}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.convert` starts (a console script would call it too)."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

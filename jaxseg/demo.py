@@ -11,13 +11,12 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 from absl import flags
 
 from jaxseg import cli, paths
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cpu.py"
+CONFIG = "cpu"    # the packaged jaxseg/configs/cpu.py
 MODEL_TILE = 128  # pixels per tile at model scale, as prepare's and predict's --tile_size
 REDUCTION = 4     # as the recipe: tiles are seen at a quarter of full resolution
 
@@ -58,7 +57,7 @@ def main() -> None:
         "-m", "jaxseg.prepare", f"--competition_dir={slides}", f"--out_dir={tiles}",
         f"--tile_size={MODEL_TILE}", f"--reduction={REDUCTION}", "--overlap=0.5"],
         tiles / "prepare.json")
-    run_stage("K-fold training, Unet-efficientnetb0 (configs/cpu.py)", [
+    run_stage("K-fold training, Unet-efficientnetb0 (jaxseg/configs/cpu.py)", [
         "-m", "jaxseg.train", f"--config={CONFIG}", f"--workdir={run}",
         f"--config.data_dir={tiles}", f"--config.image_size={MODEL_TILE}",
         "--config.num_folds=3", f"--config.folds={options.folds}",
@@ -73,6 +72,12 @@ def main() -> None:
         f"--images={slides / 'test' / '*.tiff'}"], root / "never-skipped")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.demo` and the console script `jaxseg-demo` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -220,6 +220,12 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.evaluate` and the console script `jaxseg-evaluate` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -317,6 +317,12 @@ def main() -> None:
         print(f"wrote {config.out}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.predict` and the console script `jaxseg-predict` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -489,6 +489,12 @@ def main() -> None:
           f"{len(summary['slides'])} slides in {options.out_dir}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.prepare` and the console script `jaxseg-prepare` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -510,6 +510,11 @@ def main() -> None:
                   f"{info['glomeruli']} glomeruli")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.synthetic` starts (a console script would call it too)."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,4 @@
-"""`python -m jaxseg.train --config=configs/b5.py --workdir=DIR`: the recipe's K-fold training.
+"""`python -m jaxseg.train --config=b5 --workdir=DIR`: the recipe's K-fold training.
 
 One fold = fresh model -> epochs of (train, validate, callbacks, checkpoints) -> best
 model, history and curves. A fold whose `result.json` exists is finished and skipped;
@@ -23,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
@@ -450,7 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    cli.define_config_flag("config", "Training config: a packaged config's name ("
+                           + ", ".join(cli.packaged_configs())
+                           + ") or a config file, path/to/file.py[:argument].")
     flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
     processes.define_flags()
     compile_cache.define_flags()
@@ -462,7 +463,7 @@ def main() -> None:
     compile_cache.enable_from_flags()  # first: joining turns it off where it must
     processes.join_from_flags()
     if options.config is None or options.workdir is None:
-        raise cli.InputError("both --config=FILE and --workdir=DIR are required")
+        raise cli.InputError("both --config=NAME_OR_FILE and --workdir=DIR are required")
     try:
         train_and_evaluate(options.config, options.workdir)
     except Preempted as preempted:
@@ -471,6 +472,12 @@ def main() -> None:
         processes.report(str(preempted))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Where `python -m jaxseg.train` and the console script `jaxseg-train` start, so
+    both parse the same flags and report errors alike."""
     define_flags()
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

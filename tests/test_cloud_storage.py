@@ -132,7 +132,9 @@ def _cloud_env(emulator: str, cwd: Path) -> dict[str, str]:
 
 
 def _train(data_dir: Path) -> list[str]:
-    return ["-m", "jaxseg.train", f"--config={REPO / 'configs' / 'cpu.py'}", *TRAIN_FLAGS,
+    # A file rather than a name: the other tests load the config by name.
+    config = REPO / "jaxseg" / "configs" / "cpu.py"
+    return ["-m", "jaxseg.train", f"--config={config}", *TRAIN_FLAGS,
             "--config.folds=0", f"--config.data_dir={data_dir}", f"--workdir=gs://{BUCKET}/run"]
 
 

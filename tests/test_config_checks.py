@@ -1,7 +1,7 @@
 """config_checks: a bad value stops training with one line naming its field."""
 import pytest
 
-from configs import default
+from jaxseg.configs import default
 from jaxseg import cli, config_checks
 
 

@@ -59,7 +59,7 @@ def _env() -> dict[str, str]:
 
 def _train_command(data_dir: Path, workdir: Path, *flags: str,
                    program: tuple[str, ...] = ("-m", "jaxseg.train"),
-                   config_file: str = "configs/cpu.py") -> list[str]:
+                   config_file: str = "cpu") -> list[str]:
     return [sys.executable, *program, f"--config={config_file}", *TRAIN_FLAGS,
             f"--config.data_dir={data_dir}", f"--workdir={workdir}", *flags]
 
@@ -217,9 +217,9 @@ def _bad_input_cases(record_dir: Path, root: Path) -> dict[str, tuple[Path, list
             f"error: config.init_from: {other_weights} holds efficientnetb3 weights, "
             "config.backbone is efficientnetb0"),
         "missing_config_file": (
-            record_dir, ["config_file=configs/nope.py"],
+            record_dir, ["config_file=jaxseg/configs/nope.py"],
             "error: cannot load the config file: [Errno 2] No such file or directory: "
-            "'configs/nope.py'"),
+            "'jaxseg/configs/nope.py'"),
     }
 
 

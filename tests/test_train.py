@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs import cpu as cpu_config
 from jaxseg import cli, data, models, parallel, records, steps, train
+from jaxseg.configs import cpu as cpu_config
 
 SIZE = 64
 

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.upsample_impl = "auto"      # 'native' | 'folded' (upsample + 3x3 conv as 2x2)
     config.batchnorm_impl = "auto"     # 'native' | 'fused' (BatchNorm + activation, own gradient)
     config.remat = True                # recompute elementwise work in the backward pass: less
-                                       # memory, and faster on an H200 (configs/cpu.py: off)
+                                       # memory, and faster on an H200 (cpu.py: off)
     config.half_precision = False      # bfloat16 compute, float32 parameters and loss
 
     # Optimisation.

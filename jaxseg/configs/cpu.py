@@ -1,13 +1,13 @@
 """A laptop/CPU run: Unet-efficientnetb0 on 128 px tiles, a few epochs."""
-import runpy
-from pathlib import Path
+import ml_collections
 
-# By path rather than `import configs.default`, so the file works from any directory.
-default = runpy.run_path(str(Path(__file__).with_name("default.py")))
+# By package rather than by this file's path, so a copy of this file edited elsewhere
+# still builds on the installed defaults.
+from jaxseg.configs import default
 
 
-def get_config():
-    config = default["get_config"]()
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
     config.backbone = "efficientnetb0"
     config.image_size = 128
     config.epochs = 10
