@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import ml_collections
+import numpy as np
 
 from jaxseg import checkpoints, paths, reporting
 
@@ -49,6 +50,23 @@ def write_fold_result(fold_dir: paths.Path, history: dict[str, list], result: di
     """History and curves, then the result, whose presence says the fold is finished."""
     write_fold_history(fold_dir, history, result["fold"])
     reporting.write_json(fold_dir / checkpoints.FOLD_RESULT, result)
+
+
+def run_summary(results: dict[int, dict], total_time_s: float,
+                compile_seconds: dict[str, list[float]]) -> dict:
+    """summary.json: each fold's result without its file lists, the means over folds,
+    and what compiling cost."""
+    return {
+        "folds": {str(fold): {key: value for key, value in result.items()
+                              if key not in ("train_files", "val_files")}
+                  for fold, result in results.items()},
+        "mean_best_val_dice_coe": float(np.mean([r["best_val_dice_coe"]
+                                                 for r in results.values()])),
+        "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
+                                                  for r in results.values()])),
+        "total_time_s": round(total_time_s, 1),
+        "compile_seconds": reporting.summarize_compiles(compile_seconds),
+    }
 
 
 def finished_fold_result(fold_dir: paths.Path) -> dict | None:

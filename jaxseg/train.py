@@ -424,17 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     workdir.rmtree()
             raise
 
-        summary = {
-            "folds": {str(fold): {key: value for key, value in result.items()
-                                  if key not in ("train_files", "val_files")}
-                      for fold, result in results.items()},
-            "mean_best_val_dice_coe": float(np.mean([r["best_val_dice_coe"]
-                                                     for r in results.values()])),
-            "mean_val_per_image_dice": float(np.mean([r["val_per_image_dice"]
-                                                      for r in results.values()])),
-            "total_time_s": round(time.time() - started, 1),
-            "compile_seconds": reporting.summarize_compiles(compile_seconds),
-        }
+        summary = run_files.run_summary(results, time.time() - started, compile_seconds)
         if is_main:
             reporting.write_json(workdir / "summary.json", summary)
     compiles = summary["compile_seconds"]
