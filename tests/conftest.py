@@ -9,11 +9,11 @@ os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
 
 import jax  # noqa: E402  (after XLA_FLAGS, which jax reads at import)
 
-from jaxseg import host_memory  # noqa: E402
-
-# The commands the tests start run under the allocator a user's command puts in force,
-# from their start: re-executing each would cost seconds of imports.
-os.environ.update(host_memory.preload_environment())
+# The commands the tests start keep glibc, tuned as on a CPU host without tcmalloc: each
+# would otherwise re-execute itself under tcmalloc (seconds of imports), and one run of the
+# suite with tcmalloc preloaded into every process it started took three times as long
+# (cause not found). test_host_memory.py checks the tcmalloc path itself.
+os.environ.setdefault("JAXSEG_ALLOCATOR", "glibc-tuned")
 
 # Identical programs compiled by several tests (or folds) are compiled once per session.
 jax.config.update("jax_compilation_cache_dir",

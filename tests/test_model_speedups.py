@@ -319,6 +319,9 @@ def _train_outputs_and_grads(model: Unet, variables: dict, images: jax.Array,
     return logits, batch_stats, grads
 
 
+# Slow (about 2 minutes cold); each fast path has its own test above, and
+# test_convert.py runs whole Unets with the CPU paths against Keras.
+@pytest.mark.slow
 def test_unet_with_every_fast_path_equals_native_unet():
     """Without drop-connect: its random draws differ when float64 is enabled."""
     native, fast = (build_model({"backbone": "efficientnetb0", "drop_connect_rate": 0.0, **impl})
