@@ -35,9 +35,10 @@ def allreduce_bytes(config: ml_collections.ConfigDict, image_size: int) -> tuple
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                          jax.eval_shape(lambda v: steps.create_train_state(v, compiled.tx, 0),
                                         variables))
-    batch = {name: jax.ShapeDtypeStruct((8, image_size, image_size, channels), jnp.float32,
+    batch = {name: jax.ShapeDtypeStruct((8, image_size, image_size, channels), jnp.uint8,
                                         sharding=split)
              for name, channels in (("image", 3), ("mask", 1))}
+    batch["colour_factors"] = jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=split)
     text = compiled.train(False).lower(state, batch, np.float32(1e-3)).as_text()
     operands = [tensor for match in ALL_REDUCE.finditer(text)
                 for tensor in re.findall(r"tensor<([^>]*)>", match.group(2))]

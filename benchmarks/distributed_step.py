@@ -40,10 +40,10 @@ def worker(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.process_id)
     local = jax.local_device_count()
     batch = parallel.to_global_batch({
-        "image": rng.uniform(0, 255, (local, args.image_size, args.image_size, 3)).astype(
-            np.float32),
+        "image": rng.integers(0, 256, (local, args.image_size, args.image_size, 3), np.uint8),
         "mask": (rng.uniform(size=(local, args.image_size, args.image_size, 1)) > 0.8).astype(
-            np.float32)}, mesh)
+            np.uint8),
+        "colour_factors": rng.uniform(0.7, 1.3, (local, 3)).astype(np.float32)}, mesh)
     step = compiled.train(freeze_encoder=False)
     learning_rate = np.float32(1e-3)
 

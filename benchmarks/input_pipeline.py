@@ -4,6 +4,9 @@ The pipeline must outpace the accelerator, or training waits on the host CPU; th
 measures it on random tiles written to a temporary directory, so no data set is needed.
 
     python benchmarks/input_pipeline.py --image_size=512 --batch_size=8
+    taskset -c 0 python benchmarks/input_pipeline.py     # one core: images/s per core
+
+It also reports what one example costs on its way to the device (the batch's bytes).
 """
 from __future__ import annotations
 
@@ -50,16 +53,19 @@ def main(argv: list[str]) -> None:
             steps=_WARMUP_BATCHES.value + _TIMED_BATCHES.value, seed=0, epoch=0,
             augment_config=augment_config, deterministic=_DETERMINISTIC.value)
         for _ in range(_WARMUP_BATCHES.value):
-            next(batches)
+            batch = next(batches)
         start = time.perf_counter()
         for _ in batches:
             pass
         seconds = time.perf_counter() - start
     images = _TIMED_BATCHES.value * _BATCH_SIZE.value
+    cores = len(os.sched_getaffinity(0))
+    bytes_per_example = sum(value.nbytes for value in batch.values()) / _BATCH_SIZE.value
     print(f"input pipeline {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value} batch {_BATCH_SIZE.value} "
           f"(deterministic={_DETERMINISTIC.value}, xla_compile={_XLA_COMPILE.value}, "
-          f"{os.cpu_count()} cores): "
-          f"{images / seconds:.0f} images/s over {images} images")
+          f"{cores} cores): {images / seconds:.0f} images/s over {images} images, "
+          f"{images / seconds / cores:.0f} per core; {bytes_per_example:,.0f} bytes per "
+          f"example to the device ({', '.join(f'{k} {v.dtype}' for k, v in batch.items())})")
 
 
 if __name__ == "__main__":

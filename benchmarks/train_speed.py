@@ -116,7 +116,10 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     variables = models.init_variables(model, seed=0)
     state = parallel.replicate(steps.create_train_state(variables, compiled_steps.tx, 0), mesh)
     images, masks = _random_batch(_BATCH_SIZE.value, _IMAGE_SIZE.value)
-    batch = parallel.to_global_batch({"image": images, "mask": masks}, mesh)
+    # As the train loop sends a batch: uint8 pixels and masks, every colour op drawn.
+    batch = parallel.to_global_batch(
+        {"image": images.astype(np.uint8), "mask": masks.astype(np.uint8),
+         "colour_factors": np.full((len(images), 3), 1.1, np.float32)}, mesh)
     learning_rate = np.float32(1e-4)
 
     facts = {"devices": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",

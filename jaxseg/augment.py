@@ -5,6 +5,9 @@ brightness. Its code drew the rotation with a Python `int()` of a tensor (fails 
 mode), passed the brightness factor as a delta (a no-op on 0..255 images) and never clipped.
 Here every draw is a stateless random op seeded per example, so an epoch's augmentations
 are a pure function of (dataset seed, example index) and a resumed run sees the same ones.
+
+The host does the geometry, on uint8 pixels, and draws the colour factors; the train
+step applies them on the device (`colour.py`), so images travel as uint8.
 """
 from __future__ import annotations
 
@@ -13,15 +16,14 @@ from typing import Any, Callable
 import ml_collections
 
 from jaxseg import cli
+from jaxseg.colour import NUM_FACTORS
 from jaxseg.tensorflow_quiet import tf
 
-AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
+                     tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
 
-_PIXEL_MAX = 255.0
 # Named rather than auto-selected, so that draws do not change when the ops run under XLA.
 _RNG = "philox"
-# Below this chroma a pixel is grey: its saturation stays 0 whatever the factor.
-_MIN_CHROMA = 1e-6
 # float32 represents every multiple of 2**-24 in [0, 1) exactly.
 _UNIFORM_STEPS = 2**24
 _PROBABILITY_FIELDS = ("flip_left_right_prob", "flip_up_down_prob", "saturation_prob",
@@ -61,18 +63,17 @@ def check_augment_config(config: ml_collections.ConfigDict) -> None:
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict,
-            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Augments one (D, D, 3) image on 0..255 and its (D, D, 1) mask.
+            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Flips and rotates one uint8 (D, D, 3) image and its (D, D, 1) mask together, and
+    draws its colour factors.
 
     `seed` is a shape-[2] int32 tensor (the stateless-op convention; XLA takes only
-    int32). Geometric ops run before the float conversion, on the 4x smaller uint8 image,
-    and move image and mask together; colour ops touch only the image and clip to 0..255
-    after each op, as the same op on a uint8 image would. Returns a float32 image and the
-    mask in its dtype.
+    int32). Returns the image and mask in their dtypes and float32 (saturation,
+    contrast, brightness) factors for `colour.jitter`, 1 for an op not drawn.
     """
     check_augment_config(config)
     if not config.enabled:
-        return tf.cast(image, tf.float32), mask
+        return image, mask, tf.ones([NUM_FACTORS], tf.float32)
     flip_lr_seed, flip_ud_seed, rot_seed, sat_seed, con_seed, bri_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=6, alg=_RNG))
 
@@ -89,40 +90,22 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
                              lambda: (tf.image.rot90(image, quarter_turns),
                                       tf.image.rot90(mask, quarter_turns)),
                              (image, mask))
-
-    image = tf.cast(image, tf.float32)
-    image = _colour_op(image, sat_seed, config.saturation_prob, config.saturation_range,
-                       adjust_saturation)
-    image = _colour_op(image, con_seed, config.contrast_prob, config.contrast_range,
-                       tf.image.adjust_contrast)
-    image = _colour_op(image, bri_seed, config.brightness_prob, config.brightness_range,
-                       tf.multiply)
-    return image, mask
+    factors = tf.stack([
+        _colour_factor(sat_seed, config.saturation_prob, config.saturation_range),
+        _colour_factor(con_seed, config.contrast_prob, config.contrast_range),
+        _colour_factor(bri_seed, config.brightness_prob, config.brightness_range)])
+    return image, mask, factors
 
 
 def augment_fn(config: ml_collections.ConfigDict) -> AugmentFn:
     """`augment` for one config as an (image, mask, seed) function, for tf.data's map.
 
-    With `config.xla_compile`, XLA fuses the per-pixel ops into a few loops, which halves
-    the CPU time per 512x512 tile; the draws, and so the results up to float rounding,
-    are the same either way.
+    With `config.xla_compile`, XLA compiles the flips and draws into one program; the
+    draws, and so the results, are the same either way.
     """
     check_augment_config(config)
     return tf.function(lambda image, mask, seed: augment(image, mask, config, seed),
                        jit_compile=config.xla_compile)
-
-
-def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """`tf.image.adjust_saturation` (HSV saturation times factor, clipped to 1) without HSV.
-
-    Scaling S keeps hue and value, so each channel moves away from the pixel's maximum
-    V in proportion: c' = V - r (V - c) with r = S'/S = min(factor, V / (V - min)). These
-    few elementwise ops fuse under XLA and cost less than TensorFlow's HSV kernel.
-    """
-    value = tf.reduce_max(image, axis=-1, keepdims=True)
-    chroma = value - tf.reduce_min(image, axis=-1, keepdims=True)
-    ratio = tf.minimum(factor, value / tf.maximum(chroma, _MIN_CHROMA))
-    return value - ratio * (value - image)
 
 
 def _uniform(seed: tf.Tensor, low: float = 0.0, high: float = 1.0) -> tf.Tensor:
@@ -145,14 +128,10 @@ def _maybe(condition: tf.Tensor, transform: Callable[[], Any], identity: Any) ->
     return tf.cond(condition, transform, lambda: identity)
 
 
-def _colour_op(image: tf.Tensor, seed: tf.Tensor, probability: float,
-               factor_range: tuple[float, float],
-               adjust: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.Tensor:
-    """Applies `adjust(image, factor)` with a factor uniform in the range, then clips."""
+def _colour_factor(seed: tf.Tensor, probability: float,
+                   factor_range: tuple[float, float]) -> tf.Tensor:
+    """A factor uniform in the range with the op's probability, else 1 (no op)."""
     coin_seed, factor_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=2, alg=_RNG))
     low, high = factor_range
-    factor = _uniform(factor_seed, low, high)
-    return _maybe(_coin(coin_seed, probability),
-                  lambda: tf.clip_by_value(adjust(image, factor), 0.0, _PIXEL_MAX),
-                  image)
+    return tf.where(_coin(coin_seed, probability), _uniform(factor_seed, low, high), 1.0)

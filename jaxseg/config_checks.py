@@ -23,7 +23,7 @@ Config = Mapping[str, Any] | ml_collections.ConfigDict
 # computed and how the host feeds the devices (never what they compute; absent from runs
 # made before these fields).
 RESUMABLE_CHANGES = ("epochs", "folds", *IMPL_FIELDS, "remat", "prefetch_batches",
-                     "metrics_every_steps")
+                     "metrics_every_steps", "tensorboard_images")
 
 
 def check_model_config(config: Config) -> None:
@@ -61,6 +61,9 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     for field in ("prefetch_batches", "metrics_every_steps", "shuffle_buffer"):
         if config[field] < 1:
             raise cli.InputError(f"config.{field} must be >= 1, got {config[field]}")
+    if config.tensorboard_images < 0:
+        raise cli.InputError(f"config.tensorboard_images must be >= 0, "
+                             f"got {config.tensorboard_images}")
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
         raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
                              f"got {config.plateau_factor}")

@@ -203,8 +203,9 @@ def train_batches(files: Sequence[str], *, image_size: int, batch_size: int, ste
     def prepare(index: tf.Tensor, record: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
         image, mask = _parse(record, path, image_size)
         example_seed = tf.stack([tf.constant(epoch_seed, tf.int32), tf.cast(index, tf.int32)])
-        image, mask = augment(image, mask, example_seed)
-        return {"image": image, "mask": tf.cast(mask, tf.float32)}
+        image, mask, colour_factors = augment(image, mask, example_seed)
+        return {"image": image, "mask": tf.cast(mask, tf.uint8),
+                "colour_factors": colour_factors}
 
     dataset = (_records_with_paths([shard[i] for i in file_order], deterministic,
                                    min(len(shard), _MAX_FILES_READ_AT_ONCE))
@@ -241,7 +242,7 @@ def validation_batches(files: Sequence[str], *, image_size: int, batch_size: int
 
     def prepare(index: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         image, mask = _parse(*pair, image_size)
-        return {"image": tf.cast(image, tf.float32), "mask": tf.cast(mask, tf.float32)}
+        return {"image": image, "mask": tf.cast(mask, tf.uint8)}
 
     dataset = _records_with_paths(shard, deterministic=True, files_read_at_once=1).enumerate()
     if global_order:
@@ -413,5 +414,5 @@ def _pad_batch(batch: Batch, batch_size: int) -> Batch:
 
 
 def _empty_batch(image_size: int) -> Batch:
-    return {"image": np.zeros((0, image_size, image_size, 3), np.float32),
-            "mask": np.zeros((0, image_size, image_size, 1), np.float32)}
+    return {"image": np.zeros((0, image_size, image_size, 3), np.uint8),
+            "mask": np.zeros((0, image_size, image_size, 1), np.uint8)}

@@ -36,20 +36,26 @@ def host_batch_size(per_device_batch_size: int) -> int:
 
 def data_parallel(per_device_fn: Callable, mesh: Mesh, num_args: int,
                   batch_args: tuple[int, ...], donate_args: tuple[int, ...] = (),
-                  shard_outputs: bool = False) -> Callable:
+                  shard_outputs: bool | tuple[bool, ...] = False) -> Callable:
     """Compiles `per_device_fn` once for all devices.
 
     Arguments in `batch_args` are split along their leading axis over the mesh; the
     rest are replicated. Outputs are replicated (the step must reduce what it returns
-    over `AXIS`, which shard_map's replication check enforces), or with `shard_outputs`
-    stay split along the batch like the inputs (per-example predictions). Donated
-    arguments (the train state) are updated in place on the devices.
+    over `AXIS`, which shard_map's replication check enforces), or where `shard_outputs`
+    says so (one flag for the output, or one per element of a returned tuple) stay
+    split along the batch like the inputs (per-example predictions). Donated arguments
+    (the train state) are updated in place on the devices.
     """
     in_specs = tuple(PartitionSpec(AXIS) if i in batch_args else PartitionSpec()
                      for i in range(num_args))
-    mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs,
-                           out_specs=PartitionSpec(AXIS) if shard_outputs else PartitionSpec())
+    out_specs = (tuple(map(_output_spec, shard_outputs)) if isinstance(shard_outputs, tuple)
+                 else _output_spec(shard_outputs))
+    mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return jax.jit(mapped, donate_argnums=donate_args)
+
+
+def _output_spec(sharded: bool) -> PartitionSpec:
+    return PartitionSpec(AXIS) if sharded else PartitionSpec()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

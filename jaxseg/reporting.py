@@ -175,12 +175,12 @@ def plot_curves(history: dict[str, list[float]], path: str | os.PathLike, title:
     paths.atomic_write(path, png.getvalue())
 
 
-class ScalarLog:
-    """TensorBoard scalars, one event file per fold (and per resumed attempt).
+class TensorBoardLog:
+    """TensorBoard scalars and images, one event file per fold (and per resumed attempt).
 
     tf.summary writes through TensorFlow's own file systems, whose GCS endpoint cannot
     be changed; for a bucket the events are written to a local temporary directory and
-    uploaded whole after every epoch (a few hundred bytes each).
+    uploaded whole after every epoch.
     """
 
     def __init__(self, log_dir: str | os.PathLike):
@@ -191,10 +191,15 @@ class ScalarLog:
             self._log_dir) else None
         self._writer = tf.summary.create_file_writer(self._staging or os.fspath(log_dir))
 
-    def write(self, epoch: int, scalars: dict[str, float]) -> None:
+    def write(self, epoch: int, scalars: dict[str, float],
+              images: dict[str, np.ndarray] | None = None) -> None:
+        """Scalars, and (N, H, W, 3) uint8 image batches, under their names."""
         with self._writer.as_default():
             for name, value in scalars.items():
                 self._tf.summary.scalar(name, value, step=epoch)
+            for name, batch in (images or {}).items():
+                if len(batch):
+                    self._tf.summary.image(name, batch, step=epoch, max_outputs=len(batch))
         self._writer.flush()
         self._upload()
 
@@ -208,3 +213,20 @@ class ScalarLog:
         if self._staging:
             for name in os.listdir(self._staging):
                 paths.publish(os.path.join(self._staging, name), self._log_dir / name)
+
+
+def prediction_panels(batch: dict[str, jax.Array], probabilities: jax.Array,
+                      count: int) -> np.ndarray:
+    """Up to `count` real examples of a validation batch, from this process's rows, as
+    image | truth | predicted probability strips: uint8 (n, H, 3W, 3) for TensorBoard."""
+    images, masks, weights, predicted = (_local_rows(array) for array in (
+        batch["image"], batch["mask"], batch["weight"], probabilities))
+    shown = np.flatnonzero(weights > 0)[:count]
+    greys = [np.repeat(grey[shown], 3, axis=-1) for grey in (masks * np.uint8(255), predicted)]
+    return np.concatenate([images[shown], *greys], axis=2)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of an array split along its first axis, in order."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data) for shard in shards])

@@ -69,6 +69,18 @@ def run_summary(results: dict[int, dict], total_time_s: float,
     }
 
 
+def summary_line(summary: dict, path: paths.Path) -> str:
+    """The run's last words: its scores and what the train step's compile cost."""
+    compiles = summary["compile_seconds"]
+    cached = compiles.get(reporting.CACHE_RETRIEVALS, [])
+    return (f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
+            f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
+            f"{summary['mean_val_per_image_dice']:.4f}; train step ready in "
+            f"{sum(compiles.get('jit(train_step)', [0])):.0f}s"
+            + (f" ({len(cached)} programs read from the compilation cache)" if cached else "")
+            + f" -> {path}")
+
+
 def finished_fold_result(fold_dir: paths.Path) -> dict | None:
     """The result of a fold an earlier attempt finished; None when it has not."""
     path = fold_dir / checkpoints.FOLD_RESULT

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxseg import losses, parallel
+from jaxseg import colour, losses, parallel
 from jaxseg.parallel import AXIS
 
 ENCODER = "encoder"
@@ -62,6 +62,15 @@ def _zero_encoder(tree: dict) -> dict:
             for name, sub in tree.items()}
 
 
+def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """float32 images on 0..255 and 0/1 masks from a batch as it crossed to the device:
+    uint8 pixels and masks, and for training each example's colour factors."""
+    images = batch["image"].astype(jnp.float32)
+    if "colour_factors" in batch:
+        images = colour.jitter(images, batch["colour_factors"])
+    return images, batch["mask"].astype(jnp.float32)
+
+
 def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, loss_name: str,
                freeze_encoder: bool) -> tuple[TrainState, dict]:
@@ -73,15 +82,15 @@ def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, mode
     """
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                      jax.lax.axis_index(AXIS))
-    weights = jnp.ones(batch["image"].shape[:1], jnp.float32)
+    images, masks = model_inputs(batch)
+    weights = jnp.ones(images.shape[:1], jnp.float32)
 
     def loss_fn(params):
         logits, new_model_state = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             freeze_encoder=freeze_encoder, rngs={"dropout": dropout_rng},
             mutable=["batch_stats"])
-        loss = losses.loss_from_logits(loss_name, logits, batch["mask"], weights,
-                                       _sum_over_devices)
+        loss = losses.loss_from_logits(loss_name, logits, masks, weights, _sum_over_devices)
         return loss, (logits, new_model_state["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -91,7 +100,7 @@ def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, mode
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: -learning_rate * u, updates)
     params = optax.apply_updates(state.params, updates)
-    metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), batch["mask"], weights,
+    metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), masks, weights,
                                          _sum_over_devices)
     metrics = {"loss": loss, "dice_coe": metrics["dice_coe"], "accuracy": metrics["accuracy"]}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -99,14 +108,18 @@ def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, mode
     return new_state, metrics
 
 
-def eval_step(variables: dict, batch: dict, *, model: nn.Module, loss_name: str) -> dict:
-    """Metrics of one validation batch; padded examples carry weight 0 and count nowhere."""
-    logits = model.apply(variables, batch["image"], train=False)
+def eval_step(variables: dict, batch: dict, *, model: nn.Module,
+              loss_name: str) -> tuple[dict, jax.Array]:
+    """Metrics of one validation batch (padded examples carry weight 0 and count
+    nowhere), and its examples' probabilities as uint8 (probability * 255): they stay
+    on the devices unless the host reads a sample of them for TensorBoard."""
+    images, masks = model_inputs(batch)
+    logits = model.apply(variables, images, train=False)
     weights = batch["weight"]
-    loss = losses.loss_from_logits(loss_name, logits, batch["mask"], weights, _sum_over_devices)
-    metrics = losses.thresholded_metrics(jax.nn.sigmoid(logits), batch["mask"], weights,
-                                         _sum_over_devices)
-    return {"loss": loss, **metrics}
+    probabilities = jax.nn.sigmoid(logits)
+    loss = losses.loss_from_logits(loss_name, logits, masks, weights, _sum_over_devices)
+    metrics = losses.thresholded_metrics(probabilities, masks, weights, _sum_over_devices)
+    return {"loss": loss, **metrics}, jnp.round(probabilities * 255).astype(jnp.uint8)
 
 
 class CompiledSteps:
@@ -119,7 +132,7 @@ class CompiledSteps:
         self._model, self._loss_name, self._mesh = model, loss_name, mesh
         self.eval = parallel.data_parallel(
             functools.partial(eval_step, model=model, loss_name=loss_name),
-            mesh, num_args=2, batch_args=(1,))
+            mesh, num_args=2, batch_args=(1,), shard_outputs=(False, True))
         # One program instead of an eagerly dispatched (and compiled) op per parameter
         # shape for Adam's zero moments, which is slow on CPU.
         self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx))

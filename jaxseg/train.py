@@ -112,9 +112,11 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
 
 
 def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *, prefetch: int,
-             metrics_every: int, num_batches: int | None = None) -> dict[str, float]:
+             metrics_every: int, num_batches: int | None = None
+             ) -> tuple[dict[str, float], tuple[dict, jax.Array] | None]:
     """Epoch validation metrics: batch values weighted by their real examples (the last
-    batch is padded), and the competition's per-image Dice over every example.
+    batch is padded), and the competition's per-image Dice over every example; and the
+    first batch with its predicted probabilities, still on the devices (None without).
 
     As in training, the host reads the batches' metrics back `metrics_every` at a time,
     once the next batch is queued, and shows them on a progress bar."""
@@ -124,8 +126,10 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *, pre
     with tqdm(total=num_batches, unit="batch", leave=False, dynamic_ncols=True,
               desc="validation", disable=not processes.is_main()) as bar:
         pending: list = []
+        first_batch = None
         for batch in parallel.prefetch_to_devices(batches, mesh, prefetch):
-            metrics = eval_fn(variables, batch)
+            metrics, probabilities = eval_fn(variables, batch)
+            first_batch = first_batch or (batch, probabilities)
             if len(pending) >= metrics_every:
                 read += jax.device_get(pending)
                 bar.update(len(pending))
@@ -146,7 +150,7 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *, pre
     result = {name: value / examples for name, value in weighted.items()}
     result["val_per_image_dice"] = dice_sum / examples
     result["num_val_examples"] = int(examples)
-    return result
+    return result, first_batch
 
 
 def fold_seed(config: ml_collections.ConfigDict, fold: int) -> int:
@@ -214,7 +218,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
         return progress.to_json()
 
     state = parallel.replicate(host_state, mesh)
-    scalars = reporting.ScalarLog(fold_dir / "tensorboard") if is_main else None
+    tensorboard = reporting.TensorBoardLog(fold_dir / "tensorboard") if is_main else None
 
     # The epochs. Checkpoints in flight are finished even when an epoch fails, so the
     # last good state is on disk before the error reaches the user.
@@ -252,7 +256,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                                 f"{progress.epoch.steps_done}; run the same command to resume")
             train_metrics = progress.epoch.means(fold_data.steps_per_epoch)
             progress.epoch = EpochProgress()
-            val_metrics = validate(state.variables, compiled.eval, data.validation_batches(
+            val_metrics, val_batch = validate(state.variables, compiled.eval, data.validation_batches(
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
                 num_batches=fold_data.val_batches, global_order=config.deterministic), mesh,
@@ -292,9 +296,12 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 + (f" -> lr {progress.lr:.3g}" if progress.lr != lr else "")
                 + f" - {images_per_s:.1f} img/s - "
                 + run.clock.time_left(0 if progress.stopped else config.epochs - epoch - 1))
-            if scalars is not None:
-                scalars.write(epoch + 1, {**{k: v for k, v in logs.items() if k != "epoch"},
-                                          "images_per_second": images_per_s})
+            if tensorboard is not None:
+                tensorboard.write(
+                    epoch + 1, {**{k: v for k, v in logs.items() if k != "epoch"},
+                                "images_per_second": images_per_s},
+                    {"validation": reporting.prediction_panels(
+                        *val_batch, config.tensorboard_images)} if val_batch else None)
             progress.epochs_done = epoch + 1
             ckpt.save_latest(progress.epochs_done, state, saved_progress())
             if progress.stopped:
@@ -303,8 +310,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             host_memory.release_freed_memory()
     finally:
         ckpt.close()
-        if scalars is not None:
-            scalars.close()
+        if tensorboard is not None:
+            tensorboard.close()
 
     result = fold_result(fold_data, progress, time.time() - attempt_started)
     if is_main:
@@ -427,14 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         summary = run_files.run_summary(results, time.time() - started, compile_seconds)
         if is_main:
             reporting.write_json(workdir / "summary.json", summary)
-    compiles = summary["compile_seconds"]
-    cached = compiles.get(reporting.CACHE_RETRIEVALS, [])
-    processes.report(f"done in {summary['total_time_s']:.0f}s: mean best val_dice_coe "
-          f"{summary['mean_best_val_dice_coe']:.4f}, mean per-image val Dice "
-          f"{summary['mean_val_per_image_dice']:.4f}; train step ready in "
-          f"{sum(compiles.get('jit(train_step)', [0])):.0f}s"
-          + (f" ({len(cached)} programs read from the compilation cache)" if cached else "")
-          + f" -> {workdir / 'summary.json'}")
+    processes.report(run_files.summary_line(summary, workdir / "summary.json"))
     return summary
 
 

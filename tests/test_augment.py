@@ -1,10 +1,14 @@
-"""Augmentations: image and mask move together, ops occur as configured, colours clip."""
+"""Augmentations: image and mask move together, ops occur as configured, colours clip.
+
+The host half (`augment`: geometry and colour draws) and the device half (`colour.jitter`)
+are checked together where the recipe's op is the whole of both.
+"""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from jaxseg.augment import (adjust_saturation, augment, augment_fn, check_augment_config,
-                            default_augment_config)
+from jaxseg import colour
+from jaxseg.augment import augment, augment_fn, check_augment_config, default_augment_config
 
 SIZE = 8
 NUM_SEEDS = 400
@@ -32,16 +36,26 @@ COLOUR_ONLY = dict(flip_left_right_prob=0.0, flip_up_down_prob=0.0, rot90=False)
 
 
 def _run(config, image, mask, num_seeds=NUM_SEEDS):
-    """Augmentations of one tile for seeds (11, 0..num_seeds-1), in a graph like data.py's.
+    """(image, mask, colour factors) of one tile for seeds (11, 0..num_seeds-1), in a
+    graph like data.py's.
 
     Uncompiled, as XLA compilation would dominate the test time; a test below checks
     that the compiled function data.py uses draws the same.
     """
     seeds = tf.data.Dataset.range(num_seeds).map(
         lambda seed: tf.stack([tf.constant(11, tf.int32), tf.cast(seed, tf.int32)]))
-    images, masks = seeds.map(lambda seed: augment(image, mask, config, seed)).batch(
+    images, masks, factors = seeds.map(lambda seed: augment(image, mask, config, seed)).batch(
         num_seeds).get_single_element()
-    return list(zip(images.numpy(), masks.numpy()))
+    return list(zip(images.numpy(), masks.numpy(), factors.numpy()))
+
+
+def _augmented(config, image, mask, num_seeds=NUM_SEEDS):
+    """(float32 image, mask) pairs as the train step sees them: the host's output with
+    its colour factors applied on the device."""
+    outputs = _run(config, image, mask, num_seeds)
+    images = np.asarray(colour.jitter(np.stack([o[0] for o in outputs]),
+                                      np.stack([o[2] for o in outputs])))
+    return [(jittered, out_mask) for jittered, (_, out_mask, _) in zip(images, outputs)]
 
 
 def _dihedral(image: np.ndarray) -> list[np.ndarray]:
@@ -59,11 +73,12 @@ def _which(transformed: np.ndarray, candidates: list[np.ndarray]) -> int:
 def test_geometry_moves_mask_with_image_and_every_symmetry_occurs():
     image, mask = _position_image(), _asymmetric_mask()
     seen = set()
-    for out_image, out_mask in _run(_config(**GEOMETRY_ONLY), image, mask):
-        assert out_image.dtype == np.float32
+    for out_image, out_mask, factors in _run(_config(**GEOMETRY_ONLY), image, mask):
+        assert out_image.dtype == np.uint8
+        np.testing.assert_array_equal(factors, [1.0, 1.0, 1.0])
         rows, cols = out_image[..., 0].astype(int), out_image[..., 1].astype(int)
         np.testing.assert_array_equal(out_mask, mask[rows, cols])
-        seen.add(_which(out_image, [c.astype(np.float32) for c in _dihedral(image)]))
+        seen.add(_which(out_image, _dihedral(image)))
     assert seen == set(range(8))
 
 
@@ -72,7 +87,7 @@ def test_mask_stays_aligned_under_the_full_default_augmentation():
     # keeps white brighter than black, so the mask can be read back from the image.
     mask = _asymmetric_mask()
     image = np.repeat(mask * 255, 3, axis=-1).astype(np.uint8)
-    for out_image, out_mask in _run(default_augment_config(), image, mask):
+    for out_image, out_mask in _augmented(default_augment_config(), image, mask):
         foreground = out_image[out_mask[..., 0]]
         background = out_image[~out_mask[..., 0]]
         assert foreground.min() > background.max()
@@ -83,8 +98,7 @@ def test_rot90_draws_each_quarter_turn_uniformly():
     image = _position_image()
     outputs = _run(_config(flip_left_right_prob=0.0, flip_up_down_prob=0.0, **GEOMETRY_ONLY),
                    image, _asymmetric_mask())
-    turns = [_which(out, [np.rot90(image, k).astype(np.float32) for k in range(4)])
-             for out, _ in outputs]
+    turns = [_which(out, [np.rot90(image, k) for k in range(4)]) for out, _, _ in outputs]
     for k in range(4):
         assert turns.count(k) / NUM_SEEDS == pytest.approx(0.25, abs=0.06)
 
@@ -99,8 +113,7 @@ def test_flips_happen_with_their_probability_and_direction(field, probability, f
     others[field] = probability
     image = _position_image()
     outputs = _run(_config(**others, **GEOMETRY_ONLY), image, _asymmetric_mask())
-    flipped = [_which(out, [image.astype(np.float32), flip(image).astype(np.float32)])
-               for out, _ in outputs]
+    flipped = [_which(out, [image, flip(image)]) for out, _, _ in outputs]
     assert np.mean(flipped) == pytest.approx(probability, abs=0.06)
 
 
@@ -127,11 +140,13 @@ def test_colour_ops_clip_to_pixel_range_and_leave_mask_alone():
                    dict(brightness_range=(0.0, 0.1), contrast_range=(0.0, 0.1))]:
         config = _config(saturation_prob=1.0, contrast_prob=1.0, brightness_prob=1.0,
                          **ranges, **COLOUR_ONLY)
-        for out_image, out_mask in _run(config, image, mask, num_seeds=20):
+        for out_image, out_mask in _augmented(config, image, mask, num_seeds=20):
+            assert out_image.dtype == np.float32
             assert 0.0 <= out_image.min() and out_image.max() <= 255.0
             np.testing.assert_array_equal(out_mask, mask)
-    bright = _run(_config(brightness_prob=1.0, brightness_range=(2.0, 3.0), **COLOUR_ONLY,
-                          saturation_prob=0.0, contrast_prob=0.0), image, mask, num_seeds=1)
+    bright = _augmented(_config(brightness_prob=1.0, brightness_range=(2.0, 3.0),
+                                **COLOUR_ONLY, saturation_prob=0.0, contrast_prob=0.0),
+                        image, mask, num_seeds=1)
     assert bright[0][0].max() == 255.0
 
 
@@ -139,10 +154,30 @@ def test_brightness_is_a_factor_applied_with_its_probability():
     image, mask = _random_tile(1)
     config = _config(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.55,
                      brightness_range=(0.5, 0.5), **COLOUR_ONLY)
-    outputs = [out for out, _ in _run(config, image, mask)]
+    outputs = [out for out, _ in _augmented(config, image, mask)]
     halved = [np.allclose(out, image * 0.5) for out in outputs]
     assert all(h or np.array_equal(out, image) for h, out in zip(halved, outputs))
     assert np.mean(halved) == pytest.approx(0.55, abs=0.06)
+
+
+@pytest.mark.parametrize("column,field", [(colour.SATURATION, "saturation"),
+                                          (colour.CONTRAST, "contrast"),
+                                          (colour.BRIGHTNESS, "brightness")])
+def test_each_colour_factor_is_drawn_in_its_range_with_its_probability(column, field):
+    config = _config(**{f"{name}_prob": 0.0 for name in ("saturation", "contrast",
+                                                           "brightness")}, **COLOUR_ONLY)
+    config[f"{field}_prob"], config[f"{field}_range"] = 0.3, (0.7, 0.9)
+    factors = np.stack([f for _, _, f in _run(config, *_random_tile(3))])
+    drawn = factors[:, column] != 1.0
+    assert np.mean(drawn) == pytest.approx(0.3, abs=0.06)
+    assert factors[drawn, column].min() >= 0.7 and factors[drawn, column].max() < 0.9
+    assert (np.delete(factors, column, axis=1) == 1.0).all()
+
+
+def test_a_factor_of_one_leaves_pixels_bit_for_bit():
+    image, _ = _random_tile(4)
+    np.testing.assert_array_equal(colour.jitter(image[None], np.ones((1, 3), np.float32))[0],
+                                  image.astype(np.float32))
 
 
 def test_contrast_is_tf_image_adjust_contrast_clipped():
@@ -151,7 +186,7 @@ def test_contrast_is_tf_image_adjust_contrast_clipped():
                      brightness_prob=0.0, **COLOUR_ONLY)
     expected = tf.clip_by_value(tf.image.adjust_contrast(tf.cast(image, tf.float32), 1.25),
                                 0.0, 255.0)
-    np.testing.assert_allclose(_run(config, image, mask, num_seeds=1)[0][0], expected,
+    np.testing.assert_allclose(_augmented(config, image, mask, num_seeds=1)[0][0], expected,
                                atol=1e-3)
 
 
@@ -160,35 +195,39 @@ def test_saturation_equals_tf_image_hsv_saturation(factor):
     image = np.random.default_rng(4).integers(0, 256, (32, 32, 3)).astype(np.float32)
     image[0, :4] = [[0, 0, 0], [255, 255, 255], [90, 90, 90], [255, 0, 0]]
     expected = tf.image.adjust_saturation(image / 255.0, factor) * 255.0
-    np.testing.assert_allclose(adjust_saturation(tf.constant(image), factor), expected,
+    np.testing.assert_allclose(colour.adjust_saturation(image, np.float32(factor)), expected,
                                atol=0.02)
 
 
 def test_xla_compiled_augment_draws_what_uncompiled_augment_draws():
     image, mask = _random_tile(5)
     compiled = augment_fn(default_augment_config())
-    for seed, (plain_image, plain_mask) in enumerate(
+    for seed, (plain_image, plain_mask, plain_factors) in enumerate(
             _run(default_augment_config(), image, mask, num_seeds=40)):
-        xla_image, xla_mask = compiled(image, mask, tf.constant([11, seed], tf.int32))
-        np.testing.assert_allclose(xla_image, plain_image, atol=1e-3)
+        xla_image, xla_mask, xla_factors = compiled(image, mask,
+                                                    tf.constant([11, seed], tf.int32))
+        np.testing.assert_array_equal(xla_image, plain_image)
         np.testing.assert_array_equal(xla_mask, plain_mask)
+        # One float32 rounding apart at most: XLA may fuse low + (high - low) * u.
+        np.testing.assert_allclose(xla_factors, plain_factors, rtol=2e-7)
 
 
 def test_same_seed_same_result_and_seeds_differ():
     image, mask = _random_tile(6)
-    first = _run(default_augment_config(), image, mask, num_seeds=10)
-    again = _run(default_augment_config(), image, mask, num_seeds=10)
+    first = _augmented(default_augment_config(), image, mask, num_seeds=10)
+    again = _augmented(default_augment_config(), image, mask, num_seeds=10)
     for (a, _), (b, _) in zip(first, again):
         np.testing.assert_array_equal(a, b)
     assert len({a.tobytes() for a, _ in first}) == 10
 
 
-def test_disabled_only_converts_to_float():
+def test_disabled_leaves_the_tile_as_it_is():
     image, mask = _random_tile(7)
-    out_image, out_mask = _run(_config(enabled=False), image, mask, num_seeds=1)[0]
-    assert out_image.dtype == np.float32
+    out_image, out_mask, factors = _run(_config(enabled=False), image, mask, num_seeds=1)[0]
+    assert out_image.dtype == np.uint8
     np.testing.assert_array_equal(out_image, image)
     np.testing.assert_array_equal(out_mask, mask)
+    np.testing.assert_array_equal(factors, [1.0, 1.0, 1.0])
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -157,8 +157,8 @@ def test_validation_yields_every_example_once_in_order_with_padding(files):
     np.testing.assert_array_equal(batches[-1]["weight"], [1, 1, 1, 1, 0])
     assert not batches[-1]["image"][4].any() and not batches[-1]["mask"][4].any()
     for batch in batches:
-        assert batch["image"].shape == (5, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
-        assert batch["mask"].shape == (5, SIZE, SIZE, 1) and batch["mask"].dtype == np.float32
+        assert batch["image"].shape == (5, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
+        assert batch["mask"].shape == (5, SIZE, SIZE, 1) and batch["mask"].dtype == np.uint8
         assert batch["weight"].dtype == np.float32
 
 
@@ -196,10 +196,13 @@ def test_train_epoch_has_exactly_steps_batches_of_augmented_examples(files):
     batches = _train(files, augment_config=default_augment_config(), steps=9)
     assert len(batches) == 9
     for batch in batches:
-        assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
-        assert batch["mask"].shape == (4, SIZE, SIZE, 1) and batch["mask"].dtype == np.float32
-        assert 0 <= batch["image"].min() and batch["image"].max() <= 255
-        assert set(np.unique(batch["mask"])) <= {0.0, 1.0}
+        assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
+        assert batch["mask"].shape == (4, SIZE, SIZE, 1) and batch["mask"].dtype == np.uint8
+        assert set(np.unique(batch["mask"])) <= {0, 1}
+        assert batch["colour_factors"].shape == (4, 3)
+        assert batch["colour_factors"].dtype == np.float32
+    factors = np.concatenate([batch["colour_factors"] for batch in batches])
+    assert (factors != 1.0).any() and (factors == 1.0).any()
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -229,8 +232,8 @@ def test_deterministic_train_epoch_is_reproducible(files):
     arguments = dict(augment_config=default_augment_config(), deterministic=True, seed=3)
     first, again = _train(files, **arguments), _train(files, **arguments)
     for a, b in zip(first, again, strict=True):
-        np.testing.assert_array_equal(a["image"], b["image"])
-        np.testing.assert_array_equal(a["mask"], b["mask"])
+        for key in ("image", "mask", "colour_factors"):
+            np.testing.assert_array_equal(a[key], b[key])
     next_epoch = _train(files, **arguments, epoch=1)
     assert not np.array_equal(first[0]["image"], next_epoch[0]["image"])
 
@@ -316,7 +319,7 @@ def test_deterministic_global_batches_do_not_depend_on_the_host_count(files):
     one_host = _train(files, **arguments)
     two_hosts = [_train(files, batch_size=2, process_index=host, process_count=2, **arguments)
                  for host in range(2)]
-    for key in ("image", "mask"):
+    for key in ("image", "mask", "colour_factors"):
         for single, joined in zip([b[key] for b in one_host], _rows_of_hosts(two_hosts, key),
                                   strict=True):
             np.testing.assert_array_equal(single, joined)
@@ -329,6 +332,7 @@ def test_a_resumed_deterministic_epoch_continues_where_it_stopped(files):
     assert len(rest) == 2
     for a, b in zip(whole[4:], rest, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["colour_factors"], b["colour_factors"])
 
 
 def test_validation_in_global_order_does_not_depend_on_the_host_count(files):

@@ -3,13 +3,14 @@ import functools
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxseg import cli, data, models, parallel, records, steps, train
+from jaxseg import cli, colour, data, models, parallel, records, steps, train
 from jaxseg.configs import cpu as cpu_config
 
 SIZE = 64
@@ -82,6 +83,42 @@ def test_run_writes_every_artefact(finished_run, record_dir):
         np.mean([summary["folds"][f]["best_val_dice_coe"] for f in ("0", "1")]))
 
 
+def _tensorboard_events(fold_dir) -> dict[str, dict[int, object]]:
+    """{tag: {epoch: scalar or decoded uint8 image list}} from a fold's event files."""
+    import tensorflow as tf
+    events: dict = {}
+    for path in (fold_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                events.setdefault(value.tag, {})[event.step] = (
+                    [tf.io.decode_png(png).numpy() for png in tensor[2:]]
+                    if value.metadata.plugin_data.plugin_name == "images" else float(tensor))
+    return events
+
+
+def test_tensorboard_gets_scalars_and_validation_predictions_every_epoch(finished_run,
+                                                                          record_dir):
+    workdir, _ = finished_run
+    fold_dir = workdir / "fold_0"
+    events = _tensorboard_events(fold_dir)
+    history = json.loads((fold_dir / "history.json").read_text())
+    assert [events["val_dice_coe"][epoch] for epoch in (1, 2)] == pytest.approx(
+        history["val_dice_coe"])
+    assert events["images_per_second"][2] > 0
+    first_val_file = (fold_dir / "val_files.txt").read_text().split()[0]
+    first = next(data.validation_batches([first_val_file], image_size=SIZE, batch_size=1))
+    image, mask = first["image"][0], first["mask"][0]
+    for epoch in (1, 2):
+        panels = events["validation"][epoch]
+        assert 1 <= len(panels) <= tiny_config(record_dir).tensorboard_images
+        assert panels[0].shape == (SIZE, 3 * SIZE, 3)
+        np.testing.assert_array_equal(panels[0][:, :SIZE], image)
+        np.testing.assert_array_equal(panels[0][:, SIZE:2 * SIZE], np.repeat(mask * 255, 3, -1))
+        prediction = panels[0][:, 2 * SIZE:]
+        assert (prediction == prediction[..., :1]).all()  # a grey probability map
+
+
 def test_each_step_program_compiles_once_for_all_folds(finished_run):
     _, summary = finished_run
     compiles = summary["compile_seconds"]
@@ -150,9 +187,10 @@ def compiled_step(model, variables, batch, num_devices, tx, freeze_encoder=False
 
 
 def toy_batch(count, seed):
+    """A validation-like batch as it crosses to the device: uint8 pixels and masks."""
     tiles = list(toy_tiles(count, seed))
-    return {"image": np.stack([t[0] for t in tiles]).astype(np.float32),
-            "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.float32)}
+    return {"image": np.stack([t[0] for t in tiles]),
+            "mask": np.stack([t[1] for t in tiles])[..., None].astype(np.uint8)}
 
 
 def init_variables(model):
@@ -212,6 +250,31 @@ def test_frozen_encoder_keeps_weights_and_statistics():
                      for a, b in zip(jax.tree.leaves(after.params[name]),
                                      jax.tree.leaves(variables["params"][name]))]
     assert max(decoder_moved) > 0
+
+
+class _PixelModel(nn.Module):
+    """Logits linear in each pixel's colour: a step whose gradient sees every pixel."""
+
+    @nn.compact
+    def __call__(self, images, train, freeze_encoder=False):
+        return nn.Dense(1)(images / 255.0)
+
+
+def test_train_step_colours_uint8_images_as_the_host_would_before_sending_floats():
+    """Images cross as uint8 with colour factors; the step's result is that of the same
+    jitter applied to float images on the host and sent as they are."""
+    batch = toy_batch(4, 11)
+    batch["colour_factors"] = np.array([[1.3, 1.0, 0.8], [1.0, 1.2, 1.0], [0.7, 0.9, 1.25],
+                                        [1.0, 1.0, 1.0]], np.float32)
+    jittered = {"image": np.asarray(colour.jitter(batch["image"], batch["colour_factors"])),
+                "mask": batch["mask"].astype(np.float32)}
+    model = _PixelModel()
+    variables = {"batch_stats": {},
+                 **model.init(jax.random.PRNGKey(0), jittered["image"][:1], train=False)}
+    results = [one_step(model, variables, sent, 2) for sent in (batch, jittered)]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 *results)
+    assert results[0][2]["loss"] != one_step(model, variables, toy_batch(4, 11), 2)[2]["loss"]
 
 
 class _StopAfter:
@@ -297,14 +360,16 @@ def test_validation_reads_its_metrics_back_in_groups(monkeypatch, metrics_every,
     def eval_fn(variables, batch):
         value = jnp.mean(batch["image"])
         return {"loss": value, "dice_coe": value, "accuracy": value,
-                "num_images": jnp.max(batch["count"]), "per_image_dice_sum": value * 2}
+                "num_images": jnp.max(batch["count"]),
+                "per_image_dice_sum": value * 2}, batch["image"]
 
     batches = ({"image": np.full((8, 2, 2, 3), value, np.float32),
                 "count": np.full(8, count, np.float32)}
                for value, count in [(0.5, 8), (0.25, 8), (1.0, 3)])
-    metrics = train.validate({}, eval_fn, batches, mesh, prefetch=1,
-                             metrics_every=metrics_every, num_batches=3)
+    metrics, (first_batch, _) = train.validate({}, eval_fn, batches, mesh, prefetch=1,
+                                               metrics_every=metrics_every, num_batches=3)
     assert reads == expected_reads
+    assert (np.asarray(first_batch["image"]) == 0.5).all()
     assert metrics["num_val_examples"] == 19
     assert metrics["val_loss"] == pytest.approx((8 * 0.5 + 8 * 0.25 + 3 * 1.0) / 19)
     assert metrics["val_per_image_dice"] == pytest.approx((1.0 + 0.5 + 2.0) / 19)

@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.metrics_every_steps = 10    # the host reads training metrics (progress bar, NaN
                                        # check) this many steps at a time
     config.augment = default_augment_config()
+    config.tensorboard_images = 4      # validation examples shown as image | truth |
+                                       # prediction in TensorBoard every epoch (0: none)
 
     # Model.
     config.backbone = "efficientnetb5"
