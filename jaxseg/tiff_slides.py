@@ -47,6 +47,8 @@ class TiffPlanes:
             self._close_remote_file()
             raise cli.InputError(f"{path}: unreadable TIFF ({cli.first_line(error)})") from None
         try:
+            # The slide is the largest image: a Leica SCN lists its macro photo first.
+            self._series = sorted(self._tiff.series, key=lambda series: -_pixel_count(series))
             base = self._base_pages()
             levels = [base] + self._reduced_levels(base)
             _check_complete([page for pages in levels for page in pages],
@@ -64,13 +66,13 @@ class TiffPlanes:
     def _base_pages(self) -> list[tifffile.TiffPage]:
         """Full-resolution pages of the image, in channel order.
 
-        The first series holds the image; when it has a single channel (each channel
-        written as its own series), later series of the same size add channels.
-        Thumbnails, labels and other images (other sizes) are ignored.
+        The largest series holds the image; when it has a single channel (each channel
+        written as its own series), other series of the same size add channels, in file
+        order. Thumbnails, labels and other images (other sizes) are ignored.
         """
         pages = []
         size = None
-        for series in self._tiff.series:
+        for series in self._series:
             for frame in series.pages:
                 page = frame.aspage()
                 if size is None:
@@ -86,9 +88,9 @@ class TiffPlanes:
         return pages
 
     def _reduced_levels(self, base: list[tifffile.TiffPage]) -> list[list[tifffile.TiffPage]]:
-        """The pages of each reduced level of the first series' pyramid that holds the
+        """The pages of each reduced level of the image series' pyramid that holds the
         channels the way full resolution does; a level laid out otherwise ends the list."""
-        series = self._tiff.series[0]
+        series = self._series[0]
         if len(series.pages) != len(base):   # channels from several series
             return []
         levels = []
@@ -120,6 +122,11 @@ class TiffPlanes:
     def _close_remote_file(self) -> None:
         if self._remote_file is not None:
             self._remote_file.close()
+
+
+def _pixel_count(series: tifffile.TiffPageSeries) -> int:
+    page = series.keyframe
+    return page.imagelength * page.imagewidth
 
 
 class _PageStack:

@@ -162,6 +162,19 @@ def test_levels_of_other_scales_are_not_read(tmp_path):
                                       slides.downscale_area(image, 5))
 
 
+def test_the_slide_is_the_largest_image_of_the_file(tmp_path):
+    """A Leica SCN lists its macro photo before the scan: the largest image is the slide."""
+    rng = np.random.default_rng(5)
+    macro = rng.integers(0, 256, (30, 80, 3), np.uint8)
+    scan = rng.integers(0, 256, (120, 90, 3), np.uint8)
+    path = tmp_path / "macro_first.tif"
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(macro, photometric="rgb", metadata=None)
+        writer.write(scan, tile=(32, 32), photometric="rgb", metadata=None)
+    with slides.open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read(0, 120, 0, 90), scan)
+
+
 def test_openslide_reads_a_generic_pyramidal_tiff_at_its_whole_levels(tmp_path):
     """OpenSlide (for MIRAX and the formats tifffile cannot read) offers the same levels
     and windows as tifffile on a file both read; a level at a downsample that is not a
