@@ -54,6 +54,13 @@ def message_lines(error: BaseException) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), for an `error:`
+    line that also names the file: readers' messages run over several lines."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
 def _unknown_config_field(argv: list[str], error: BaseException) -> str:
     """Names the `--config.a.b=...` override whose field the error reports missing."""
     lines = message_lines(error)

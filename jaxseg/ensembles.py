@@ -30,6 +30,9 @@ class Ensemble:
     tile: int
     reduction: int
     source: str
+    # Micrometres per pixel of the training tiles, when the run's prepare.json records
+    # the slides' pixel size; None: unknown.
+    mpp: float | None = None
 
 
 def read_run_config(run_dir: paths.Path) -> dict:
@@ -57,6 +60,15 @@ def run_reduction(run_dir: paths.Path | None) -> int | None:
     if "reduction" not in record:
         raise cli.InputError(f"{run_dir / 'prepare.json'}: has no 'reduction' field")
     return int(record["reduction"])
+
+
+def run_slide_mpp(run_dir: paths.Path | None) -> float | None:
+    """The pixel size (micrometres) of the slides the run's tiles were cut from, when
+    its prepare.json records one (prepare records it when every slide says it)."""
+    if run_dir is None or not (run_dir / "prepare.json").is_file():
+        return None
+    slide_mpp = paths.read_json(run_dir / "prepare.json").get("slide_mpp")
+    return None if slide_mpp is None else float(slide_mpp)
 
 
 def find_fold_dirs(run_dir: paths.Path, allow_unfinished: bool = False) -> list[paths.Path]:
@@ -158,4 +170,6 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         raise cli.InputError(f"--reduction must be >= 1, got {reduction}")
     for variables in variables_list:
         check_variables(model, variables, tile, source)
-    return Ensemble(model, variables_list, tile, reduction, source)
+    slide_mpp = run_slide_mpp(run_dir)
+    return Ensemble(model, variables_list, tile, reduction, source,
+                    None if slide_mpp is None else slide_mpp * reduction)

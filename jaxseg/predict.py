@@ -2,12 +2,15 @@
 
 `python -m jaxseg.predict --workdir=RUN --images='test/*.tiff' --out=submission.csv`
 
-Each slide is seen at the training scale (full resolution reduced by the factor the
-tiles were made with), cut into overlapping windows of the training tile size and
-predicted in batches over all devices: every finished fold's best model and, with flip
-TTA, the four flips of each window, averaged as probabilities. The windows are blended by
-`jaxseg.stitch` and thresholded strip by strip, so the only slide-sized array is the
-bool mask at model scale; the full-resolution RLE is computed from it directly.
+Each slide is seen at the training scale: reduced by the whole factor that brings its
+pixel size nearest to the training tiles' micrometres per pixel (`--target_mpp`), read
+from the pyramid level nearest that scale, or, for a slide that records no pixel size,
+reduced by the factor the tiles were made with (`--reduction`). It is cut into
+overlapping windows of the training tile size and predicted in batches over all
+devices: every finished fold's best model and, with flip TTA, the four flips of each
+window, averaged as probabilities. The windows are blended by `jaxseg.stitch` and
+thresholded strip by strip, so the only slide-sized array is the bool mask at model
+scale; the full-resolution RLE is computed from it directly.
 Several processes (the hosts of a pod slice) each predict their share of the slides
 on their own devices, and process 0 writes the submission. With `--out_dir`, each slide
 also gets the files `jaxseg.outputs` writes (polygons, a mask pyramid, statistics), and a
@@ -33,6 +36,9 @@ from jaxseg.ensembles import SEED_REDUCTION, SEED_TILE_SIZE, Ensemble, load_ense
 
 TTA_MODES = ("none", "flips")
 _RLE_BLOCK_PIXELS = 1 << 25
+# A slide read further than this from --target_mpp (its pixel size times a whole
+# reduction) is named, with the scale it is read at.
+_MPP_TOLERANCE = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +50,9 @@ class SlideOptions:
     batch_size: int       # windows per call of the predictor
     threshold: float
     continue_on_nan: bool = False
+    # Micrometres per model pixel to read slides at, when they record their pixel size;
+    # None: every slide at `reduction`.
+    target_mpp: float | None = None
 
 
 def _unchanged(x: jax.Array) -> jax.Array:
@@ -141,6 +150,26 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     return mask
 
 
+def slide_reduction(slide: slides.Slide, options: SlideOptions, said: set[str]) -> int:
+    """The slide's reduction: the whole number nearest `options.target_mpp` by its pixel
+    size, else `options.reduction`. A slide read at a scale more than _MPP_TOLERANCE
+    from the target is named with that scale; of the slides without a pixel size, the
+    first is named (`said` remembers it across slides)."""
+    reduction = slides.reduction_for(slide, options.target_mpp, options.reduction)
+    if options.target_mpp is None:
+        return reduction
+    if slide.mpp is None:
+        if "no pixel size" not in said:
+            said.add("no pixel size")
+            print(f"note: {slide.path} records no pixel size: it and other slides without "
+                  f"one are read at 1/{reduction} (--reduction)", file=sys.stderr, flush=True)
+    elif abs(reduction * slide.mpp / options.target_mpp - 1) > _MPP_TOLERANCE:
+        print(f"note: {slide.path}: {slide.mpp:.4g} \u00b5m/px, read at 1/{reduction}: "
+              f"{reduction * slide.mpp:.4g} \u00b5m/px, the nearest whole reduction to "
+              f"{options.target_mpp:g} \u00b5m/px", file=sys.stderr, flush=True)
+    return reduction
+
+
 def encode_upsampled(mask: np.ndarray, reduction: int, shape: tuple[int, int]) -> str:
     """Competition RLE of `mask` upsampled `reduction` times (nearest) and cropped to shape.
 
@@ -208,6 +237,7 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
     """
     share = images[jax.process_index()::jax.process_count()]
     rows, stats = {}, {}
+    said: set[str] = set()
     for number, path in enumerate(tqdm(share, desc="slides", unit="slide",
                                        disable=not processes.is_main())):
         image_id = slides.image_id(path)
@@ -215,13 +245,14 @@ def predict_to_csv(images: list[paths.Path], predict_fn: stitch.PredictFn,
             rows[image_id], stats[image_id] = slide_outputs.reuse(image_id)
             continue
         with slides.open_slide(path) as slide:
-            probabilities = slide_outputs.probability_buffer(slide, options.reduction)
-            mask = predict_slide(slide, predict_fn, options,
+            reduction = slide_reduction(slide, options, said)
+            probabilities = slide_outputs.probability_buffer(slide, reduction)
+            mask = predict_slide(slide, predict_fn,
+                                 dataclasses.replace(options, reduction=reduction),
                                  f"{image_id} ({number + 1}/{len(share)})", probabilities)
-            rows[image_id] = encode_upsampled(mask, options.reduction,
-                                              (slide.height, slide.width))
+            rows[image_id] = encode_upsampled(mask, reduction, (slide.height, slide.width))
             stats[image_id] = slide_outputs.write(slide, image_id, mask, probabilities,
-                                                  options.reduction, rows[image_id])
+                                                  reduction, rows[image_id])
         del mask, probabilities
         host_memory.fall_back_if_crowded()
         host_memory.release_freed_memory()
@@ -248,14 +279,22 @@ def define_flags() -> None:
                       "training has not ended (no result.json): their best model so far.")
     flags.DEFINE_string("keras_weights", None, "Directory written by jaxseg.convert "
                         "(converted Keras weights) instead of checkpoints.")
-    flags.DEFINE_string("images", None, "Glob of slides or tiles (TIFF, PNG, JPEG).",
-                        required=True)
+    flags.DEFINE_string("images", None, "Glob of slides or tiles (TIFF, SVS, NDPI, SCN, "
+                        "OME-TIFF; MRXS and other OpenSlide formats with the extra wsi; "
+                        "PNG, JPEG).", required=True)
     flags.DEFINE_string("out", "submission.csv", "Submission CSV to write (id,predicted).")
     cli.define_tiling_flags(
         tile_size=None, reduction=None, overlap=0.25,
         tile_size_note=f" Default: the run's image_size, else {SEED_TILE_SIZE}.",
-        reduction_note=f" Default: the training tiles' (RUN/prepare.json), else "
+        reduction_note=f" Slides that record their pixel size are reduced to --target_mpp "
+                       f"instead. Default: the training tiles' (RUN/prepare.json), else "
                        f"{SEED_REDUCTION} (the seed's).")
+    flags.DEFINE_float("target_mpp", None, "Micrometres per pixel at model scale: a slide "
+                       "that records its pixel size is reduced by the whole factor nearest "
+                       "this, read from the pyramid level nearest it. Default: the training "
+                       "tiles' (the slides' pixel size in RUN/prepare.json times the "
+                       f"reduction, else {slides.RECIPE_SLIDE_MPP} \u00b5m/px times it, the "
+                       "HuBMAP slides').")
     flags.DEFINE_enum("blend", "center", list(stitch.BLENDS), "How overlapping windows "
                       "combine: keep each window's centre, or Gaussian weights.")
     flags.DEFINE_enum("tta", "flips", list(TTA_MODES), "Test-time augmentation: none, or "
@@ -282,6 +321,18 @@ def define_flags() -> None:
     compile_cache.define_flags()
 
 
+def target_scale(target_mpp: float | None, ensemble: Ensemble) -> tuple[float, str]:
+    """(--target_mpp, where it comes from): given, else the training tiles' scale."""
+    if target_mpp is not None:
+        if target_mpp <= 0:
+            raise cli.InputError(f"--target_mpp must be positive, got {target_mpp:g}")
+        return target_mpp, "--target_mpp"
+    if ensemble.mpp is not None:
+        return ensemble.mpp, "the training tiles'"
+    return (slides.RECIPE_SLIDE_MPP * ensemble.reduction,
+            f"the training tiles', assuming {slides.RECIPE_SLIDE_MPP:g} \u00b5m/px slides")
+
+
 def main() -> None:
     from absl import flags
 
@@ -295,6 +346,7 @@ def main() -> None:
     check_readable(images[jax.process_index()::jax.process_count()])
     ensemble = load_ensemble(config.workdir, config.checkpoint, config.keras_weights,
                              config.tile_size, config.reduction, config.allow_unfinished_folds)
+    target_mpp, mpp_source = target_scale(config.target_mpp, ensemble)
     predict_fn, global_batch = make_batch_predictor(ensemble, config.tta, config.batch_size)
     if host_memory.keeps_freed_memory():
         # One batch first (it compiles the program): with its buffers allocated once, the
@@ -305,10 +357,11 @@ def main() -> None:
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch, threshold=config.threshold,
-                           continue_on_nan=config.continue_on_nan)
+                           continue_on_nan=config.continue_on_nan, target_mpp=target_mpp)
     if processes.is_main():
         print(f"{len(images)} images; {len(ensemble.variables)} model(s) from "
-              f"{ensemble.source}; {ensemble.tile} px windows at 1/{ensemble.reduction} scale, "
+              f"{ensemble.source}; {ensemble.tile} px windows at {target_mpp:g} \u00b5m/px "
+              f"({mpp_source}; 1/{ensemble.reduction} scale for slides without a pixel size), "
               f"overlap {options.overlap} px, {config.blend} blend, TTA {config.tta}, "
               f"{jax.device_count()} devices in {jax.process_count()} process(es)",
               file=sys.stderr, flush=True)

@@ -4,13 +4,16 @@
     python -m jaxseg.prepare --images=DIR --masks=DIR --out_dir=TILES_DIR
 
 Competition mode reads `train/<id>.tiff` and the full-resolution RLE masks of
-`train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images with binary masks of
-the same id (the file name without its image extension; nonzero = glomerulus), any
-size. Each slide or image becomes `<id>-<count>.tfrec` (jaxseg.records) and
-`OUT_DIR/prepare.json` records {tile_size, reduction, overlap, thresholds, padding,
-slides: {id: count}, skipped_slides: [id]}: training checks its files against it, and
-prediction reads the reduction from it. A slide none of whose tiles passes the
-background filter is skipped with a warning: it has no record file.
+`train.csv` (id,encoding); image mode pairs PNG/JPEG/TIFF images (or any slide format
+jaxseg.slides reads, at full resolution) with binary PNG/JPEG/TIFF masks of the same id
+(the file name without its image extension; nonzero = glomerulus), any size. Each slide
+or image becomes `<id>-<count>.tfrec` (jaxseg.records) and `OUT_DIR/prepare.json`
+records {tile_size, reduction, overlap, thresholds, padding, slide_mpp, slides: {id:
+count}, skipped_slides: [id]}: training checks its files against it, and prediction
+reads the reduction and the tiles' scale (slide_mpp * reduction micrometres per pixel)
+from it. slide_mpp is the slides' pixel size in micrometres (their median), null unless
+every slide records one. A slide none of whose tiles passes the background filter is
+skipped with a warning: it has no record file.
 
 Tiling: --tile_size is the tile at model scale, as in predict (512, the recipe's); a
 grid of full-resolution windows of tile_size * reduction pixels, overlapping by the
@@ -61,8 +64,8 @@ from tqdm import tqdm
 
 from jaxseg import cli, locking, paths, records, rle
 from jaxseg.rle import RleMask
-from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, TIFF_SUFFIXES, \
-    MaskImage, Slide, downscale_area, image_id, open_mask, open_slide
+from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, SLIDE_SUFFIXES, \
+    TIFF_SUFFIXES, MaskImage, Slide, downscale_area, image_id, open_mask, open_slide
 
 PREPARE_JSON = "prepare.json"
 _STAGING_PREFIX = ".prepare-staging-"
@@ -162,6 +165,7 @@ class SlideJob:
     width: int
     # What a resumed run compares before it reuses this slide's staged records.
     fingerprint: str = ""
+    mpp: float | None = None    # micrometres per pixel, when the slide records it
 
 
 def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
@@ -177,20 +181,21 @@ def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
         if slide_id not in encodings:
             raise cli.InputError(f"{data_dir / 'train.csv'}: no row for slide {slide_id} "
                                  f"({path})")
-        height, width = _slide_size(path)
+        with open_slide(path) as slide:
+            height, width, mpp = slide.height, slide.width, slide.mpp
         mask = rle.parse_named(encodings[slide_id], (height, width), data_dir / "train.csv",
                                slide_id)
         jobs.append(SlideJob(slide_id, path, mask, height, width, _fingerprint(
-            path, hashlib.sha256(encodings[slide_id].encode()).hexdigest())))
+            path, hashlib.sha256(encodings[slide_id].encode()).hexdigest()), mpp))
     return jobs
 
 
 def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[SlideJob]:
     """Checked jobs pairing images with the masks of the same id."""
-    images = _images_by_id(paths.path(images_dir), IMAGE_SUFFIXES)
+    images = _images_by_id(paths.path(images_dir), SLIDE_SUFFIXES)
     masks = _images_by_id(paths.path(masks_dir), IMAGE_SUFFIXES)
     if not images:
-        raise cli.MissingInput(f"{images_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+        raise cli.MissingInput(f"{images_dir}: no {'/'.join(SLIDE_SUFFIXES)} images found")
     jobs = []
     for slide_id, path in images.items():
         if slide_id not in masks:
@@ -198,7 +203,7 @@ def image_jobs(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> l
         with open_slide(path) as slide, open_mask(masks[slide_id]) as mask:
             _check_same_size(str(masks[slide_id]), mask, slide)
         jobs.append(SlideJob(slide_id, path, masks[slide_id], slide.height, slide.width,
-                             _fingerprint(path, _fingerprint(masks[slide_id], ""))))
+                             _fingerprint(path, _fingerprint(masks[slide_id], "")), slide.mpp))
     return jobs
 
 
@@ -275,6 +280,7 @@ def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
                "thresholds": {"saturation": config.saturation_threshold,
                               "min_pixels": config.min_pixels},
                "padding": PADDING,
+               "slide_mpp": _slide_mpp([job for job in jobs if counts[job.slide_id]]),
                "slides": {job.slide_id: counts[job.slide_id] for job in jobs
                           if counts[job.slide_id]},
                "skipped_slides": [job.slide_id for job in skipped]}
@@ -287,6 +293,13 @@ def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
             staging, records.record_name(job.slide_id, counts[job.slide_id]))
             if counts[job.slide_id] else None)
     return summary
+
+
+def _slide_mpp(jobs: list[SlideJob]) -> float | None:
+    """The slides' pixel size (micrometres, their median), which predict aims at times
+    the reduction; None unless every slide records one, as a guess would mislead it."""
+    sizes = [job.mpp for job in jobs]
+    return None if None in sizes else float(np.median(sizes))
 
 
 def _tile_slide(job: SlideJob, config: TilingConfig, staging: str,
@@ -441,11 +454,6 @@ def _check_same_size(mask_name: str, mask: RleMask | MaskImage, slide: Slide) ->
     if (mask.height, mask.width) != (slide.height, slide.width):
         raise cli.InputError(f"{mask_name}: mask is {mask.height} x {mask.width} but the image "
                              f"{slide.path.name} is {slide.height} x {slide.width}")
-
-
-def _slide_size(path: paths.Path) -> tuple[int, int]:
-    with open_slide(path) as slide:
-        return slide.height, slide.width
 
 
 def define_flags() -> None:

@@ -1,36 +1,41 @@
-"""Whole-slide images read window by window, whatever their TIFF layout.
+"""Whole-slide images read window by window, at the pyramid level nearest the scale asked.
 
 HuBMAP slides reach 40,000 x 50,000 RGB pixels (6 GB as uint8), so a slide is never
-loaded whole: uncompressed TIFF pages are memory-mapped, compressed ones (tiled JPEG,
-LZW strips, ...) are decoded segment by segment, only for the tiles or strips a
-window touches. zarr is not a dependency, so tifffile's zarr view is not used.
+loaded whole. TIFF-based slides (the competition's TIFFs, SVS, NDPI, SCN, BIF,
+OME-TIFF) are read by tifffile (`jaxseg.tiff_slides`), other whole-slide formats (MIRAX
+and others) by OpenSlide (`jaxseg.openslide_slides`, the extra `wsi`); both read any
+pyramid level by window. PNG/JPEG files are decoded whole by PIL: they are small tiles,
+and those formats cannot be read by window anyway.
 
-The competition's files come as (H, W, 3), (3, H, W), (1, 1, 3, H, W) or three
-single-channel pages/series; all are read as "planes" (one per channel) that share
-the image size, and `read` stacks the first three channels last. A one-channel image
-is read as grey (replicated to RGB, as PIL does). PNG/JPEG files are decoded whole by
-PIL: they are small tiles, and those formats cannot be read by window anyway.
+A slide is seen at model scale, 1/reduction of full resolution, with an integer
+reduction, so that each model pixel stands for a whole block of full-resolution pixels
+and the full-resolution mask and RLE map onto it exactly. The reduction comes from the
+slide's pixel size and the scale the model was trained at (`reduction_for`), or is
+given; `scaled_reader` then reads the level with the largest whole-number downsample
+that divides it and block-averages the rest, instead of reading full resolution.
 
-A slide in a bucket is read through an open remote file: tifffile fetches only the
-segments a window needs (a remote file cannot be memory-mapped, so every page is read
-by segment).
+Images are read as "planes" (one per channel) that share the image size, and `read`
+takes the first three channels last. A one-channel image is read as grey (replicated
+to RGB, as PIL does).
 """
 from __future__ import annotations
 
 import os
 import warnings
-import xml.etree.ElementTree as ElementTree
 from typing import Callable, Protocol
 
 import numpy as np
-import tifffile
 from PIL import Image
 
-from jaxseg import cli, paths
+from jaxseg import cli, openslide_slides, paths, tiff_slides
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PICTURE_SUFFIXES
+# Whole-slide formats beyond TIFF and pictures, for slides (masks are IMAGE_SUFFIXES).
+SLIDE_SUFFIXES = (IMAGE_SUFFIXES + tuple(suffix for suffix in tiff_slides.SUFFIXES
+                                         if suffix not in TIFF_SUFFIXES)
+                  + openslide_slides.SUFFIXES)
 # Extensions of more than one part: the OME-TIFF of `x.ome.tiff` is image `x`.
 _COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff")
 # The recipe's tiles are 2048 px at full resolution, reduced 4 times to the 512 px the
@@ -39,22 +44,27 @@ _COMPOUND_SUFFIXES = (".ome.tif", ".ome.tiff")
 # a larger image belongs in a TIFF, read by window.
 RECIPE_TILE_SIZE = 2048
 RECIPE_REDUCTION = 4
+# The HuBMAP kidney slides' pixel, in micrometres (20x scans); their TIFFs do not say
+# it, so the recipe's tiles are taken to be RECIPE_SLIDE_MPP * RECIPE_REDUCTION.
+RECIPE_SLIDE_MPP = 0.5
 MAX_PICTURE_PIXELS = (4 * RECIPE_TILE_SIZE) ** 2
+# Pixel sizes outside this range (micrometres) are a wrong tag (1 pixel per centimetre),
+# not a microscope's: scaling a slide by them would predict it at an absurd scale.
+PLAUSIBLE_MPP = (0.01, 100.0)
 
 # PIL modes whose pixels are a single value; other modes are converted to RGB.
 _SINGLE_VALUE_MODES = {"1", "L", "I", "I;16", "F"}
 
 
 class _Planes(Protocol):
-    """The channels of an image, each a full-size plane, read by window."""
-    height: int
-    width: int
+    """The channels of an image, each a full-size plane, read by window at any level."""
+    level_sizes: list[tuple[int, int]]   # (height, width) per pyramid level, full first
     num_planes: int
     dtype: np.dtype
     pixel_size: tuple[float, float] | None   # micrometres (y, x), when the file says
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """(h, w, num_planes) window."""
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        """(h, w, num_planes) window, in the level's own pixels."""
 
     def close(self) -> None:
         ...
@@ -66,13 +76,15 @@ class _Window:
     def __init__(self, path: paths.Path, planes: _Planes):
         self.path = path
         self._planes = planes
-        self.height, self.width = planes.height, planes.width
+        self.height, self.width = planes.level_sizes[0]
         self.pixel_size = planes.pixel_size
 
-    def _check(self, y0: int, y1: int, x0: int, x1: int) -> None:
-        if not (0 <= y0 < y1 <= self.height and 0 <= x0 < x1 <= self.width):
+    def _check(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> None:
+        height, width = self._planes.level_sizes[level]
+        if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+            where = f" of level {level}" if level else ""
             raise ValueError(f"{self.path}: window rows {y0}:{y1}, cols {x0}:{x1} outside "
-                             f"the {self.height} x {self.width} image")
+                             f"the {height} x {width} image{where}")
 
     def close(self) -> None:
         self._planes.close()
@@ -85,7 +97,7 @@ class _Window:
 
 
 class Slide(_Window):
-    """An RGB uint8 slide; `read` returns (h, w, 3) windows."""
+    """An RGB uint8 slide; `read` returns (h, w, 3) windows of any pyramid level."""
 
     def __init__(self, path: paths.Path, planes: _Planes):
         super().__init__(path, planes)
@@ -99,11 +111,29 @@ class Slide(_Window):
             raise cli.InputError(f"{path}: {problem}")
         # Grey is replicated; extra channels (alpha) are dropped, without a copy.
         self._channels = [0, 0, 0] if planes.num_planes == 1 else slice(0, 3)
+        self.level_sizes = planes.level_sizes
+        self.downsamples = _whole_downsamples(planes.level_sizes)
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Rows [y0, y1) and columns [x0, x1) as uint8 (h, w, 3); must lie inside."""
-        self._check(y0, y1, x0, x1)
-        return self._planes.read(y0, y1, x0, x1)[..., self._channels]
+    @property
+    def mpp(self) -> float | None:
+        """Micrometres per full-resolution pixel (mean of y and x), when the file records
+        a plausible one."""
+        if self.pixel_size is None:
+            return None
+        mpp = sum(self.pixel_size) / 2
+        return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+
+    def level_for(self, reduction: int) -> tuple[int, int]:
+        """(level, its downsample): the level with the largest whole-number downsample
+        that divides `reduction`, the one fewest pixels are read from."""
+        downsample = max(d for d in self.downsamples if reduction % d == 0)
+        return self.downsamples[downsample], downsample
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        """Rows [y0, y1) and columns [x0, x1) of the level as uint8 (h, w, 3); must lie
+        inside it."""
+        self._check(y0, y1, x0, x1, level)
+        return self._planes.read(y0, y1, x0, x1, level)[..., self._channels]
 
 
 class MaskImage(_Window):
@@ -116,18 +146,33 @@ class MaskImage(_Window):
         return np.any(colour != 0, axis=-1)
 
 
+def _whole_downsamples(level_sizes: list[tuple[int, int]]) -> dict[int, int]:
+    """{downsample: level} of the levels that are full resolution divided by a whole
+    number, their size rounded either way (scanners do both); levels of other scales
+    (an NDPI's, a thumbnail taken for a level) are not read."""
+    height, width = level_sizes[0]
+    found = {1: 0}
+    for level, (level_height, level_width) in enumerate(level_sizes[1:], 1):
+        downsample = round(width / level_width)
+        if (downsample > 1 and downsample not in found
+                and level_height in (height // downsample, -(-height // downsample))
+                and level_width in (width // downsample, -(-width // downsample))):
+            found[downsample] = level
+    return found
+
+
 def image_id(path: str | os.PathLike) -> str:
     """The id an image file stands for: its name without the whole image extension, as
     the competition's `train.csv` writes ids (`x.ome.tiff` is `x`, not `x.ome`)."""
     name = paths.path(path).name
-    for suffix in _COMPOUND_SUFFIXES + IMAGE_SUFFIXES:
+    for suffix in _COMPOUND_SUFFIXES + SLIDE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[:-len(suffix)]
     return paths.path(path).stem
 
 
 def open_slide(path: str | os.PathLike) -> Slide:
-    """Opens a TIFF, PNG or JPEG slide for windowed RGB reading (a context manager)."""
+    """Opens a whole-slide image, PNG or JPEG for windowed RGB reading (a context manager)."""
     path = paths.path(path)
     return Slide(path, _open_planes(path, for_mask=False))
 
@@ -174,26 +219,43 @@ def model_scale_shape(height: int, width: int, reduction: int) -> tuple[int, int
     return -(-height // reduction), -(-width // reduction)
 
 
-def scaled_reader(slide: Slide, reduction: int) -> Callable[[int, int, int, int], np.ndarray]:
-    """Reads windows of the full-resolution slide at 1/reduction scale (model scale, or
-    an overview).
+def reduction_for(slide: Slide, target_mpp: float | None, default: int) -> int:
+    """The whole reduction from full resolution that brings the slide nearest to
+    `target_mpp` micrometres per pixel; `default` when the slide records no pixel size
+    (or no target is given).
 
-    Pixel (y, x) is the mean of the full-resolution block starting at
-    (y * reduction, x * reduction); the last blocks of a slide whose size the
-    reduction does not divide are completed by repeating the edge pixels.
+    Rounded to a whole number so that model pixels are whole blocks of full-resolution
+    pixels: a 0.2525 µm/px slide aimed at 2.0 µm/px is read at 1/8, 2.02 µm/px.
     """
+    if target_mpp is None or slide.mpp is None:
+        return default
+    return max(1, round(target_mpp / slide.mpp))
+
+
+def scaled_reader(slide: Slide, reduction: int) -> Callable[[int, int, int, int], np.ndarray]:
+    """Reads windows of the slide at 1/reduction scale (model scale, or an overview),
+    from the pyramid level that `Slide.level_for` picks.
+
+    Pixel (y, x) is the mean of the level's block starting at (y * f, x * f), f the
+    reduction left after the level's downsample, which stands for the full-resolution
+    block at (y * reduction, x * reduction). The last blocks of a slide whose size the
+    reduction does not divide are completed by repeating the edge pixels (a level whose
+    size was rounded down may lack the last row or column of blocks altogether).
+    """
+    level, downsample = slide.level_for(reduction)
+    factor = reduction // downsample
+    level_height, level_width = slide.level_sizes[level]
+
     def read(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        top, left = y0 * reduction, x0 * reduction
-        bottom = min(y1 * reduction, slide.height)
-        right = min(x1 * reduction, slide.width)
-        pixels = slide.read(top, bottom, left, right)
-        if reduction == 1:
-            return pixels
-        missing_y = (y1 - y0) * reduction - (bottom - top)
-        missing_x = (x1 - x0) * reduction - (right - left)
+        top, left = min(y0 * factor, level_height - 1), min(x0 * factor, level_width - 1)
+        bottom = min(y1 * factor, level_height)
+        right = min(x1 * factor, level_width)
+        pixels = slide.read(top, bottom, left, right, level)
+        missing_y = (y1 - y0) * factor - (bottom - top)
+        missing_x = (x1 - x0) * factor - (right - left)
         if missing_y or missing_x:
             pixels = np.pad(pixels, ((0, missing_y), (0, missing_x), (0, 0)), mode="edge")
-        return downscale_area(pixels, reduction)
+        return downscale_area(pixels, factor)
 
     return read
 
@@ -202,12 +264,15 @@ def _open_planes(path: paths.Path, for_mask: bool) -> _Planes:
     if not path.is_file():
         raise cli.MissingInput(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix in TIFF_SUFFIXES:
-        return _TiffPlanes(path)
     if suffix in PICTURE_SUFFIXES:
         return _PicturePlanes(path, for_mask)
+    if suffix in tiff_slides.SUFFIXES:
+        return tiff_slides.TiffPlanes(path)
+    if suffix in openslide_slides.SUFFIXES and not for_mask:
+        return openslide_slides.OpenSlidePlanes(path)
+    expected = IMAGE_SUFFIXES if for_mask else SLIDE_SUFFIXES
     raise cli.InputError(f"{path}: unsupported image type {suffix!r}, expected one of "
-                         f"{', '.join(IMAGE_SUFFIXES)}")
+                         f"{', '.join(expected)}")
 
 
 class _PicturePlanes:
@@ -229,201 +294,19 @@ class _PicturePlanes:
                 pass
             except (OSError, ValueError) as error:
                 raise cli.InputError(
-                    f"{path}: unreadable image ({_first_line(error)})") from None
+                    f"{path}: unreadable image ({cli.first_line(error)})") from None
         if pixels is None:
             raise cli.InputError(f"{path}: more than {MAX_PICTURE_PIXELS:,} pixels, the most a "
                                  "PNG/JPEG may hold here (it is decoded whole); save a larger "
                                  "image as TIFF, which is read by window")
         self._pixels = pixels
-        self.height, self.width, self.num_planes = pixels.shape
+        height, width, self.num_planes = pixels.shape
+        self.level_sizes = [(height, width)]
         self.dtype = pixels.dtype
         self.pixel_size = None
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
         return self._pixels[y0:y1, x0:x1]
 
     def close(self) -> None:
         self._pixels = None
-
-
-class _TiffPlanes:
-    """The channel planes of a TIFF, gathered from whichever pages/series hold them."""
-
-    def __init__(self, path: paths.Path):
-        # tifffile closes only the files it opened itself.
-        self._remote_file = path.open("rb") if paths.is_remote(path) else None
-        try:
-            self._tiff = tifffile.TiffFile(self._remote_file or os.fspath(path))
-        except Exception as error:  # tifffile raises many types for corrupt files
-            self._close_remote_file()
-            raise cli.InputError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
-        try:
-            pages = self._base_pages()
-            _check_complete(pages, self._tiff.filehandle.size)
-            self._readers = [_MemmapPage(path, page) if page.is_memmappable
-                             else _SegmentPage(page) for page in pages]
-        except Exception as error:
-            self.close()
-            raise cli.InputError(f"{path}: unreadable TIFF ({_first_line(error)})") from None
-        self.path = path
-        self.height, self.width = pages[0].imagelength, pages[0].imagewidth
-        self.dtype = pages[0].dtype
-        self._sources = []             # per channel: (reader, separate sample, contig sample)
-        for index, page in enumerate(pages):
-            separate = page.planarconfig == 2
-            self._sources += [(index, sample if separate else 0, 0 if separate else sample)
-                              for sample in range(page.samplesperpixel)]
-        self.num_planes = len(self._sources)
-        self.pixel_size = _pixel_size(self._tiff, pages[0])
-
-    def _base_pages(self) -> list[tifffile.TiffPage]:
-        """Full-resolution pages of the image, in channel order.
-
-        The first series holds the image; when it has a single channel (each channel
-        written as its own series), later series of the same size add channels.
-        Pyramid levels and thumbnails (other sizes) are ignored.
-        """
-        pages = []
-        size = None
-        for series in self._tiff.series:
-            for frame in series.pages:
-                page = frame.aspage()
-                if size is None:
-                    size = (page.imagelength, page.imagewidth)
-                if (page.imagelength, page.imagewidth) == size:
-                    pages.append(page)
-            if sum(page.samplesperpixel for page in pages) >= 3:
-                break
-        if not pages:
-            raise ValueError("no image pages")
-        if any(page.imagedepth > 1 for page in pages):
-            raise ValueError("volumetric pages are not supported")
-        return pages
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        try:
-            windows = [reader.read(y0, y1, x0, x1) for reader in self._readers]
-        except _SegmentError as error:
-            raise cli.InputError(f"{self.path}: {error}") from None
-        except Exception as error:  # a file changed since it was opened, a failing disk
-            raise cli.InputError(f"{self.path}: cannot read rows {y0}:{y1}, cols {x0}:{x1} "
-                                 f"({_first_line(error)})") from None
-        return np.stack([windows[r][s, :, :, c] for r, s, c in self._sources], axis=-1)
-
-    def close(self) -> None:
-        self._tiff.close()
-        self._close_remote_file()
-
-    def _close_remote_file(self) -> None:
-        if self._remote_file is not None:
-            self._remote_file.close()
-
-
-# OME's length units down to micrometres; OME's default unit is the micrometre.
-_MICROMETRES_PER_UNIT = {"nm": 1e-3, "\u00b5m": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4}
-
-
-def _pixel_size(tiff: tifffile.TiffFile, page: tifffile.TiffPage
-                ) -> tuple[float, float] | None:
-    """(y, x) micrometres per pixel from OME-XML, else from resolution tags in
-    centimetres (as microscopy software writes them). Inch resolutions are ignored:
-    they are what desktop software writes by default (72 dpi), not a scan's pixel."""
-    if tiff.is_ome and tiff.ome_metadata:
-        try:
-            root = ElementTree.fromstring(tiff.ome_metadata)
-            pixels = next(element for element in root.iter() if element.tag.endswith("}Pixels"))
-            size_y, size_x = (float(pixels.attrib[f"PhysicalSize{axis}"]) * _MICROMETRES_PER_UNIT[
-                pixels.attrib.get(f"PhysicalSize{axis}Unit", "\u00b5m")] for axis in "YX")
-            return size_y, size_x
-        except (ElementTree.ParseError, StopIteration, KeyError, ValueError):
-            pass
-    if page.resolutionunit == tifffile.RESUNIT.CENTIMETER and all(page.resolution):
-        per_micrometre_x, per_micrometre_y = page.get_resolution(tifffile.RESUNIT.MICROMETER)
-        return 1 / per_micrometre_y, 1 / per_micrometre_x
-    return None
-
-
-class _SegmentError(ValueError):
-    """A TIFF segment that cannot be decoded; `_TiffPlanes.read` adds the file's name."""
-
-
-def _check_complete(pages: list[tifffile.TiffPage], file_size: int) -> None:
-    """A copy cut short fails when opened, not hours later at the missing window (or,
-    uncompressed, as numpy's memory-map error that names no file)."""
-    end = max(offset + count for page in pages
-              for offset, count in zip(page.dataoffsets, page.databytecounts))
-    if end > file_size:
-        raise ValueError(f"truncated: its pixel data runs to byte {end:,}, the file ends at "
-                         f"byte {file_size:,}")
-
-
-class _MemmapPage:
-    """An uncompressed, contiguous page: windows are copied out of a memory map.
-
-    The map lives only for one read: pages of a long-lived map stay in the process's
-    resident set, which would grow to the whole slide over a pass.
-    """
-
-    def __init__(self, path: paths.Path, page: tifffile.TiffPage):
-        separate, _, height, width, contig = page.shaped
-        self._map_args = {"filename": os.fspath(path), "dtype": page.dtype, "mode": "r",
-                          "offset": page.dataoffsets[0],
-                          "shape": (separate, height, width, contig)}
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """(separate samples, h, w, contiguous samples) window."""
-        return np.array(np.memmap(**self._map_args)[:, y0:y1, x0:x1, :])
-
-
-class _SegmentPage:
-    """A compressed page: decodes only the tiles or strips a window overlaps."""
-
-    def __init__(self, page: tifffile.TiffPage):
-        self._page = page
-        self._shaped = page.shaped
-        if page.is_tiled:
-            self._segment_size = (page.tilelength, page.tilewidth)
-        else:
-            self._segment_size = (min(page.rowsperstrip, page.imagelength), page.imagewidth)
-        self._grid = (-(-page.imagelength // self._segment_size[0]),
-                      -(-page.imagewidth // self._segment_size[1]))
-        self._decode_args = {}
-        if page.jpegtables is not None or page.jpegheader is not None:
-            self._decode_args = {"jpegtables": page.jpegtables,
-                                 "jpegheader": page.jpegheader}
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """(separate samples, h, w, contiguous samples) window."""
-        separate, _, _, _, contig = self._shaped
-        seg_h, seg_w = self._segment_size
-        rows, cols = self._grid
-        out = np.zeros((separate, y1 - y0, x1 - x0, contig), dtype=self._page.dtype)
-        indices = [(s * rows + r) * cols + c
-                   for s in range(separate)
-                   for r in range(y0 // seg_h, (y1 - 1) // seg_h + 1)
-                   for c in range(x0 // seg_w, (x1 - 1) // seg_w + 1)]
-        page = self._page
-        filehandle = page.parent.filehandle
-        segments = filehandle.read_segments([page.dataoffsets[i] for i in indices],
-                                            [page.databytecounts[i] for i in indices],
-                                            indices=indices, lock=filehandle.lock)
-        for data, index in segments:
-            try:
-                segment, (sample, _, top, left, _), _ = page.decode(data, index,
-                                                                    **self._decode_args)
-            except Exception as error:  # codec errors have no common base class
-                raise _SegmentError(f"cannot decode TIFF segment {index} "
-                                    f"({_first_line(error)})") from None
-            if segment is None:     # segment absent from the file: zeros
-                continue
-            segment = segment[0]    # drop the depth axis
-            sy0, sy1 = max(y0, top), min(y1, top + segment.shape[0])
-            sx0, sx1 = max(x0, left), min(x1, left + segment.shape[1])
-            out[sample, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = \
-                segment[sy0 - top:sy1 - top, sx0 - left:sx1 - left]
-        return out
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

@@ -190,10 +190,32 @@ def test_cli_writes_the_same_submission(submission, fake_run, images, tmp_path):
                            f"--overlays={tmp_path / 'overlays'}"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "2 model(s)" in done.stderr and "64 px windows at 1/2 scale" in done.stderr
+    assert "2 model(s)" in done.stderr and (
+        "64 px windows at 1 \u00b5m/px (the training tiles', assuming 0.5 \u00b5m/px slides; "
+        "1/2 scale for slides without a pixel size)") in done.stderr
+    assert "note: " + str(images / "slide1.ome.tiff") + " records no pixel size: it and other " \
+        "slides without one are read at 1/2 (--reduction)" in done.stderr
     assert out.read_text() == submission[0].read_text()
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == ["slide1.png",
                                                                          "tile2.png"]
+
+
+def test_the_target_scale_is_the_training_tiles(fake_run, tmp_path):
+    """--target_mpp by default: the slides' pixel size prepare.json records times the
+    reduction; without one, the HuBMAP slides' 0.5 um/px times it."""
+    ensemble = ensembles.load_ensemble(str(fake_run))
+    assert ensemble.mpp is None
+    assert predict.target_scale(None, ensemble) == (
+        0.5 * REDUCTION, "the training tiles', assuming 0.5 \u00b5m/px slides")
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    record = json.loads((run / "prepare.json").read_text())
+    (run / "prepare.json").write_text(json.dumps({**record, "slide_mpp": 0.25}))
+    ensemble = ensembles.load_ensemble(str(run), reduction=8)
+    assert predict.target_scale(None, ensemble) == (2.0, "the training tiles'")
+    assert predict.target_scale(1.5, ensemble) == (1.5, "--target_mpp")
+    with pytest.raises(ValueError, match="--target_mpp must be positive, got 0"):
+        predict.target_scale(0.0, ensemble)
 
 
 def test_keras_weights_take_backbone_and_normalisation_from_the_conversion(fake_run,

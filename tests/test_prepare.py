@@ -115,7 +115,7 @@ def test_tiles_are_the_right_windows_of_image_and_mask(tmp_path, overlap, pad_y,
     assert json.loads((tmp_path / "out" / "prepare.json").read_text()) == summary == {
         "tile_size": TILE, "reduction": REDUCTION, "overlap": overlap,
         "thresholds": {"saturation": 40, "min_pixels": 62},
-        "padding": prepare.PADDING, "slides": {"slide0": len(expected)},
+        "padding": prepare.PADDING, "slide_mpp": None, "slides": {"slide0": len(expected)},
         "skipped_slides": []}
 
 
@@ -186,6 +186,25 @@ def test_images_mode_pairs_stems_and_counts_in_names(tmp_path):
     [(_, b_mask)] = read_records(tmp_path / "out" / "b-1.tfrec")
     np.testing.assert_array_equal(
         b_mask, mask[:128, 170:298].reshape(64, 2, 64, 2).mean(axis=(1, 3)) >= 0.5)
+
+
+def test_prepare_json_records_the_slides_pixel_size_when_every_slide_has_one(tmp_path):
+    """predict aims at slide_mpp * reduction micrometres per pixel; a guess for a slide
+    that does not say its pixel size would mislead it, so then none is recorded."""
+    image, mask = make_slide(1)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for name, size in [("a", 0.5), ("b", 0.25), ("c", 0.5)]:
+        tifffile.imwrite(tmp_path / "images" / f"{name}.ome.tiff", image,
+                         metadata={"PhysicalSizeX": size, "PhysicalSizeY": size})
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "masks" / f"{name}.png")
+    config = prepare.TilingConfig(tile_size=TILE, reduction=REDUCTION)
+    jobs = prepare.image_jobs(tmp_path / "images", tmp_path / "masks")
+    assert prepare.prepare(jobs, tmp_path / "out", config, workers=1)["slide_mpp"] == 0.5
+    Image.fromarray(image).save(tmp_path / "images" / "d.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "masks" / "d.png")
+    jobs = prepare.image_jobs(tmp_path / "images", tmp_path / "masks")
+    assert prepare.prepare(jobs, tmp_path / "out", config, workers=1)["slide_mpp"] is None
 
 
 def test_an_ome_tiff_slide_is_the_id_train_csv_names(tmp_path):
