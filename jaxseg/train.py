@@ -1,4 +1,6 @@
-"""`python -m jaxseg.train --config=b5 --workdir=DIR`: the recipe's K-fold training.
+"""The recipe's K-fold training.
+
+    python -m jaxseg.train --config=b5 --config.data_dir=TILES_DIR --workdir=RUN
 
 One fold = fresh model -> epochs of (train, validate, callbacks, checkpoints) -> best
 model, history and curves. A fold whose `result.json` exists is finished and skipped;
