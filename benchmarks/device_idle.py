@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
 
         def epoch(index: int, steps_per_epoch: int):
             nonlocal state
-            fold_data = train.FoldData(0, files, [], steps_per_epoch, 0, 2 * batch, 0)
+            fold_data = data.FoldData(0, files, [], steps_per_epoch, 0, 2 * batch, 0)
             batches = data.train_batches(files, image_size=size, batch_size=batch,
                                          steps=steps_per_epoch, seed=0, epoch=index,
                                          augment_config=augment.default_augment_config())

@@ -61,9 +61,9 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     for field in ("prefetch_batches", "metrics_every_steps", "shuffle_buffer"):
         if config[field] < 1:
             raise cli.InputError(f"config.{field} must be >= 1, got {config[field]}")
-    if config.tensorboard_images < 0:
-        raise cli.InputError(f"config.tensorboard_images must be >= 0, "
-                             f"got {config.tensorboard_images}")
+    for field in ("tensorboard_images", "precise_bn_batches"):
+        if config[field] < 0:
+            raise cli.InputError(f"config.{field} must be >= 0, got {config[field]}")
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
         raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
                              f"got {config.plateau_factor}")

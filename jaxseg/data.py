@@ -7,6 +7,7 @@ that name the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -16,7 +17,9 @@ from typing import Iterator, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from jaxseg import cli, paths
+import jax
+
+from jaxseg import cli, parallel, paths
 from jaxseg.augment import augment_fn
 from jaxseg.records import RECORD_SUFFIX, count_from_name, record_name
 from jaxseg.tensorflow_quiet import tf
@@ -158,6 +161,38 @@ def kfold_splits(files: Sequence[str], num_folds: int,
         splits.append(([f for f, held_out in zip(ordered, in_validation) if not held_out],
                        [f for f, held_out in zip(ordered, in_validation) if held_out]))
     return splits
+
+
+@dataclasses.dataclass
+class FoldData:
+    """What one fold trains and validates on, planned for every fold before any runs."""
+    fold: int
+    train_files: list[str]
+    val_files: list[str]
+    steps_per_epoch: int
+    val_batches: int
+    num_train_examples: int
+    num_val_examples: int
+
+
+def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[str],
+              val_files: list[str], counts: dict[str, int]) -> FoldData:
+    """`counts`: examples per record file, counted once for all folds (a file whose name
+    carries no count is read to the end to count it)."""
+    num_train = sum(counts[path] for path in train_files)
+    global_batch = config.per_device_batch_size * jax.device_count()
+    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
+        num_train // global_batch)
+    if steps_per_epoch == 0:
+        raise cli.InputError(f"fold {fold}: {num_train} training images are fewer than one global "
+                             f"batch of {global_batch}; lower config.per_device_batch_size")
+    val_counts = {path: counts[path] for path in val_files}
+    val_batches = num_validation_batches(
+        val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count(),
+        global_order=config.deterministic)
+    num_val = sum(val_counts.values())
+    return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train,
+                    num_val)
 
 
 def host_shard(files: Sequence[str], process_index: int, process_count: int) -> list[str]:

@@ -52,7 +52,8 @@ def compile_log() -> Iterator[dict[str, list[float]]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)")
+STEP_PROGRAMS = ("jit(train_step)", "jit(eval_step)", "jit(create_train_state)",
+                 "jit(batch_norm_statistics_step)")
 
 
 def summarize_compiles(compile_seconds: dict[str, list[float]]) -> dict[str, list[float]]:

@@ -122,6 +122,25 @@ def eval_step(variables: dict, batch: dict, *, model: nn.Module,
     return {"loss": loss, **metrics}, jnp.round(probabilities * 255).astype(jnp.uint8)
 
 
+def batch_norm_statistics_step(variables: dict, batch: dict, accumulated: dict,
+                               batch_index: jax.Array, share: jax.Array, *, model: nn.Module,
+                               freeze_encoder: bool) -> dict:
+    """`accumulated` plus `share` times the BatchNorm statistics of one training batch over
+    all devices, as the training forward pass sees them (drop-connect included).
+
+    `model` has momentum 0, so the statistics it stores are the batch's own; the sum over
+    a few batches with share 1/K is precise BatchNorm's population estimate (the mean of
+    the batch means and of the batch variances).
+    """
+    images, _ = model_inputs(batch)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), batch_index),
+                             jax.lax.axis_index(AXIS))
+    _, new_state = model.apply(variables, images, train=True, freeze_encoder=freeze_encoder,
+                               rngs={"dropout": rng}, mutable=["batch_stats"])
+    return jax.tree.map(lambda total, new: total + share * new, accumulated,
+                        new_state["batch_stats"])
+
+
 class CompiledSteps:
     """The data-parallel train and eval programs, compiled once and shared by all folds
     (and by the benchmarks, which must time the program training runs)."""
@@ -129,6 +148,7 @@ class CompiledSteps:
     def __init__(self, model: nn.Module, loss_name: str, mesh: jax.sharding.Mesh):
         self.tx = make_optimizer()
         self._train: dict[bool, Callable] = {}
+        self._statistics: dict[bool, Callable] = {}
         self._model, self._loss_name, self._mesh = model, loss_name, mesh
         self.eval = parallel.data_parallel(
             functools.partial(eval_step, model=model, loss_name=loss_name),
@@ -136,6 +156,17 @@ class CompiledSteps:
         # One program instead of an eagerly dispatched (and compiled) op per parameter
         # shape for Adam's zero moments, which is slow on CPU.
         self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx))
+
+    def batch_norm_statistics(self, freeze_encoder: bool) -> Callable:
+        """`batch_norm_statistics_step` for all devices (compiled on first use: only
+        precise BatchNorm needs it)."""
+        if freeze_encoder not in self._statistics:
+            model = self._model.clone(norm=functools.partial(self._model.norm, momentum=0.0))
+            self._statistics[freeze_encoder] = parallel.data_parallel(
+                functools.partial(batch_norm_statistics_step, model=model,
+                                  freeze_encoder=freeze_encoder),
+                self._mesh, num_args=5, batch_args=(1,), donate_args=(2,))
+        return self._statistics[freeze_encoder]
 
     def train(self, freeze_encoder: bool) -> Callable:
         if freeze_encoder not in self._train:

@@ -28,20 +28,10 @@ from absl import flags
 from tqdm import tqdm
 
 from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
-                    locking, models, parallel, paths, processes, reporting, run_files, steps)
+                    locking, models, parallel, paths, precise_bn, processes, reporting, run_files,
+                    steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 from jaxseg.progress import HISTORY_KEYS, EpochProgress, FoldProgress
-
-@dataclasses.dataclass
-class FoldData:
-    fold: int
-    train_files: list[str]
-    val_files: list[str]
-    steps_per_epoch: int
-    val_batches: int
-    num_train_examples: int
-    num_val_examples: int
-
 
 def last_good_checkpoint(epochs_done: int, fold_dir: paths.Path) -> str:
     if epochs_done == 0:
@@ -62,7 +52,7 @@ class Preempted(Exception):
 
 
 def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
-                fold_data: FoldData, epoch: int, epochs: int, mesh, last_good: str,
+                fold_data: data.FoldData, epoch: int, epochs: int, mesh, last_good: str,
                 progress: EpochProgress, preemption: processes.PreemptionWatch, *,
                 prefetch: int, metrics_every: int,
                 first_compile: reporting.FirstCompile | None = None
@@ -196,7 +186,7 @@ class RunContext:
     first_compile: reporting.FirstCompile
 
 
-def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: FoldData,
+def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: data.FoldData,
                run: RunContext) -> dict:
     fold, fold_dir = fold_data.fold, workdir / f"fold_{fold_data.fold}"
     compiled, mesh = run.compiled, run.mesh
@@ -240,7 +230,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                     shuffle_buffer=config.shuffle_buffer, deterministic=config.deterministic,
                     process_index=jax.process_index(), process_count=jax.process_count(),
                     steps_done=progress.epoch.steps_done))
-            step_fn = compiled.train(freeze_encoder=epoch < config.encoder_freeze_epochs)
+            freeze_encoder = epoch < config.encoder_freeze_epochs
+            step_fn = compiled.train(freeze_encoder=freeze_encoder)
             steps_before, train_started = progress.epoch.steps_done, time.time()
             state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
                                            config.epochs, mesh, last_good, progress.epoch,
@@ -258,10 +249,16 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                                 f"{progress.epoch.steps_done}; run the same command to resume")
             train_metrics = progress.epoch.means(fold_data.steps_per_epoch)
             progress.epoch = EpochProgress()
-            val_metrics, val_batch = validate(state.variables, compiled.eval, data.validation_batches(
+            if config.precise_bn_batches:
+                state = precise_bn.recompute(state, compiled, config, fold_data.train_files,
+                                             seed=fold_seed(config, fold), epoch=epoch,
+                                             freeze_encoder=freeze_encoder, mesh=mesh)
+            val_batches = data.validation_batches(
                 fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
                 process_index=jax.process_index(), process_count=jax.process_count(),
-                num_batches=fold_data.val_batches, global_order=config.deterministic), mesh,
+                num_batches=fold_data.val_batches, global_order=config.deterministic)
+            val_metrics, val_batch = validate(
+                state.variables, compiled.eval, val_batches, mesh,
                 prefetch=config.prefetch_batches, metrics_every=config.metrics_every_steps,
                 num_batches=fold_data.val_batches)
             raise_if_not_finite(val_metrics, "val_loss",
@@ -321,7 +318,7 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
     return result
 
 
-def fold_result(fold_data: FoldData, progress: FoldProgress, elapsed_s: float) -> dict:
+def fold_result(fold_data: data.FoldData, progress: FoldProgress, elapsed_s: float) -> dict:
     """The best epoch is the fold's model (EarlyStopping restore_best_weights)."""
     best, history = progress.early_stopping.best_epoch, progress.history
     return {
@@ -338,27 +335,7 @@ def fold_result(fold_data: FoldData, progress: FoldProgress, elapsed_s: float) -
     }
 
 
-def fold_plan(config: ml_collections.ConfigDict, fold: int, train_files: list[str],
-              val_files: list[str], counts: dict[str, int]) -> FoldData:
-    """`counts`: examples per record file, counted once for all folds (a file whose name
-    carries no count is read to the end to count it)."""
-    num_train = sum(counts[path] for path in train_files)
-    global_batch = config.per_device_batch_size * jax.device_count()
-    steps_per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else (
-        num_train // global_batch)
-    if steps_per_epoch == 0:
-        raise cli.InputError(f"fold {fold}: {num_train} training images are fewer than one global "
-                             f"batch of {global_batch}; lower config.per_device_batch_size")
-    val_counts = {path: counts[path] for path in val_files}
-    val_batches = data.num_validation_batches(
-        val_counts, parallel.host_batch_size(config.per_device_batch_size), jax.process_count(),
-        global_order=config.deterministic)
-    num_val = sum(val_counts.values())
-    return FoldData(fold, train_files, val_files, steps_per_epoch, val_batches, num_train,
-                    num_val)
-
-
-def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: list[FoldData],
+def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: list[data.FoldData],
                 init_weights: dict | None) -> dict[int, dict]:
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
@@ -413,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     files, counts, existed = processes.decided_by_main(check_files)
     splits = data.kfold_splits(files, config.num_folds, config.seed)
     folds = config_checks.chosen_folds(config)
-    plans = [fold_plan(config, fold, *splits[fold], counts) for fold in folds]
+    plans = [data.fold_plan(config, fold, *splits[fold], counts) for fold in folds]
     init_weights = convert.load_init_weights(config)
     is_main = processes.is_main()
     # Process 0 holds the workdir for the run; the others write nothing of their own.

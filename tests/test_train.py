@@ -49,10 +49,15 @@ def tiny_config(data_dir, **overrides):
     return config
 
 
+# Precise BatchNorm on, so that the run covers it too (tests/test_precise_bn.py checks its
+# statistics); reruns in the run's workdir must keep it.
+FINISHED_RUN = dict(precise_bn_batches=2)
+
+
 @pytest.fixture(scope="module")
 def finished_run(record_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    summary = train.train_and_evaluate(tiny_config(record_dir), workdir)
+    summary = train.train_and_evaluate(tiny_config(record_dir, **FINISHED_RUN), workdir)
     return workdir, summary
 
 
@@ -125,11 +130,12 @@ def test_each_step_program_compiles_once_for_all_folds(finished_run):
     assert len(compiles["jit(train_step)"]) == 1, compiles
     assert len(compiles["jit(eval_step)"]) == 1, compiles
     assert len(compiles["jit(create_train_state)"]) == 1, compiles
+    assert len(compiles["jit(batch_norm_statistics_step)"]) == 1, compiles
 
 
 def test_finished_folds_are_not_retrained(finished_run, record_dir, capsys):
     workdir, summary = finished_run
-    again = train.train_and_evaluate(tiny_config(record_dir), workdir)
+    again = train.train_and_evaluate(tiny_config(record_dir, **FINISHED_RUN), workdir)
     assert "finished earlier" in capsys.readouterr().out
     assert again["folds"] == summary["folds"]
 
@@ -142,8 +148,8 @@ def test_layer_implementation_may_change_on_resume(finished_run, record_dir, cap
     for field in (*models.IMPL_FIELDS, "remat"):
         del saved[field]
     config_path.write_text(json.dumps(saved))
-    again = train.train_and_evaluate(tiny_config(record_dir, conv_impl="native", remat=False),
-                                     workdir)
+    again = train.train_and_evaluate(
+        tiny_config(record_dir, conv_impl="native", remat=False, **FINISHED_RUN), workdir)
     assert "finished earlier" in capsys.readouterr().out
     assert again["folds"] == summary["folds"]
 
@@ -151,7 +157,8 @@ def test_layer_implementation_may_change_on_resume(finished_run, record_dir, cap
 def test_changed_config_in_same_workdir_is_refused(finished_run, record_dir):
     workdir, _ = finished_run
     with pytest.raises(ValueError, match="config.image_size"):
-        train.train_and_evaluate(tiny_config(record_dir, image_size=96), workdir)
+        train.train_and_evaluate(tiny_config(record_dir, image_size=96, **FINISHED_RUN),
+                                 workdir)
 
 
 def test_a_record_file_cut_at_a_record_boundary_stops_the_run_first(record_dir, tmp_path):
@@ -308,7 +315,7 @@ def _run_epoch(monkeypatch, losses, metrics_every, stop_after=None):
     monkeypatch.setattr(jax, "device_get", counted_device_get)
     batches = ({"image": np.zeros((jax.device_count(), 2, 2, 3), np.float32)}
                for _ in losses)
-    fold_data = train.FoldData(0, [], [], len(losses), 1, 8, 8)
+    fold_data = data.FoldData(0, [], [], len(losses), 1, 8, 8)
     progress = train.EpochProgress()
     result = train.train_epoch(
         jnp.zeros(()), step_fn, batches, 1e-3, fold_data, 0, 1, mesh, "nothing saved",

@@ -49,4 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.plateau_min_delta = 1e-4
     config.min_learning_rate = 1e-5
     config.early_stopping_patience = 15  # EarlyStopping on val_dice_coe
+    config.precise_bn_batches = 0      # > 0: BatchNorm statistics recomputed over this many
+                                       # training batches before each validation
+                                       # (jaxseg/precise_bn.py); 0: the recipe's moving averages
     return config
