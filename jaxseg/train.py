@@ -300,7 +300,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                     epoch + 1, {**{k: v for k, v in logs.items() if k != "epoch"},
                                 "images_per_second": images_per_s},
                     {"validation": reporting.prediction_panels(
-                        *val_batch, config.tensorboard_images)} if val_batch else None)
+                        *val_batch, config.tensorboard_images)}
+                    if val_batch and config.tensorboard_images else None)
             progress.epochs_done = epoch + 1
             ckpt.save_latest(progress.epochs_done, state, saved_progress())
             if progress.stopped:
