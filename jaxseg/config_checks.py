@@ -67,9 +67,12 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
         raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
                              f"got {config.plateau_factor}")
-    # Here rather than at the top: prediction checks model configs without TensorFlow.
+    # Here rather than at the top: prediction checks model configs without TensorFlow,
+    # and whole-slide validation is built on prediction.
+    from jaxseg import slide_validation
     from jaxseg.augment import check_augment_config
     check_augment_config(config.augment)
+    slide_validation.check_config(config)
 
 
 def chosen_folds(config: ml_collections.ConfigDict) -> list[int]:

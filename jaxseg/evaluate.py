@@ -113,6 +113,42 @@ def image_shapes(pattern: str) -> dict[str, Shape]:
     return shapes
 
 
+class Truth:
+    """The true masks of a CSV of RLEs or of a folder of masks named by id, each read
+    only when an image is scored."""
+
+    def __init__(self, source: str | os.PathLike):
+        self.path = paths.path(source)
+        self._masks = find_masks(self.path) if self.path.is_dir() else None
+        self._rles = None if self._masks is not None else read_rle_csv(self.path)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._masks if self._masks is not None else self._rles)
+
+    def counts(self, image_id: str, prediction: str, shape: Shape | None,
+               pred_source: str | os.PathLike) -> tuple[int, int, int]:
+        """(|P & T|, |P|, |T|) of one image's predicted RLE against its truth. `shape`:
+        the image's (height, width), which a mask must agree with and RLE truth needs."""
+        if self._masks is not None:
+            true_mask = read_mask(self._masks[image_id])
+            if shape is not None and tuple(shape) != true_mask.shape:
+                raise cli.InputError(f"{self._masks[image_id]}: mask is {true_mask.shape}, "
+                                     f"image {image_id} is {tuple(shape)}")
+            return _counts_of_masks(rle.parse_named(prediction, true_mask.shape, pred_source,
+                                                    image_id), true_mask)
+        if shape is None:
+            raise cli.InputError(f"image {image_id}: unknown image shape: give the images "
+                                 "with --images")
+        return _counts_of_rles(rle.parse_named(prediction, shape, pred_source, image_id),
+                               rle.parse_named(self._rles[image_id], shape, self.path,
+                                               image_id))
+
+    def dice(self, image_id: str, prediction: str, shape: Shape | None,
+             pred_source: str | os.PathLike) -> float:
+        return _dice_from_counts(*self.counts(image_id, prediction, shape, pred_source))
+
+
 def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
              shapes: Mapping[str, Shape] | None = None) -> dict:
     """Per-image Dice of every truth image and their mean (the competition score).
@@ -129,14 +165,12 @@ def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
     predictions = read_rle_csv(pred_csv)
     if not predictions:
         raise cli.InputError(f"{pred_csv}: holds no predictions")
-    truth = paths.path(truth)
-    masks = find_masks(truth) if truth.is_dir() else None
-    true_rles = None if masks is not None else read_rle_csv(truth)
-    truth_ids = list(masks if masks is not None else true_rles)
-    strangers = sorted(set(predictions) - set(truth_ids))
+    truth = Truth(truth)
+    strangers = sorted(set(predictions) - set(truth.ids))
     if strangers:
-        raise cli.InputError(f"{truth}: no truth for predicted ids {', '.join(strangers[:5])}")
-    evaluated = [image_id for image_id in truth_ids
+        raise cli.InputError(f"{truth.path}: no truth for predicted ids "
+                             f"{', '.join(strangers[:5])}")
+    evaluated = [image_id for image_id in truth.ids
                  if image_id in predictions or shapes is None or image_id in shapes]
     shapes = dict(shapes or {})
     images = []
@@ -145,20 +179,7 @@ def evaluate(pred_csv: str | os.PathLike, truth: str | os.PathLike,
             images.append({"id": image_id, "dice": 0.0, "pred_pixels": None,
                            "true_pixels": None})
             continue
-        if masks is not None:
-            true_mask = read_mask(masks[image_id])
-            if image_id in shapes and tuple(shapes[image_id]) != true_mask.shape:
-                raise cli.InputError(f"{masks[image_id]}: mask is {true_mask.shape}, image "
-                                     f"{image_id} is {shapes[image_id]}")
-            counts = _counts_of_masks(rle.parse_named(predictions[image_id], true_mask.shape,
-                                                      pred_csv, image_id), true_mask)
-        else:
-            if image_id not in shapes:
-                raise cli.InputError(f"image {image_id}: unknown image shape: give the images "
-                                     "with --images")
-            counts = _counts_of_rles(
-                rle.parse_named(predictions[image_id], shapes[image_id], pred_csv, image_id),
-                rle.parse_named(true_rles[image_id], shapes[image_id], truth, image_id))
+        counts = truth.counts(image_id, predictions[image_id], shapes.get(image_id), pred_csv)
         images.append({"id": image_id, "dice": _dice_from_counts(*counts),
                        "pred_pixels": counts[1], "true_pixels": counts[2]})
     return {"images": images, "mean_dice": float(np.mean([row["dice"] for row in images])),

@@ -87,36 +87,48 @@ def ensemble_probabilities(stacked_variables: dict, images: jax.Array, *, model:
     return sum(flip(view) for flip, view in zip(flips, views)) / len(flips)
 
 
-def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
-                         ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
-    """(predict_fn for stitch, windows per call): uint8 windows -> probabilities.
+class BatchPredictor:
+    """uint8 windows -> probabilities on this process's devices, for stitch.
 
     Every call gets the full batch of this process's devices (a short last batch is
     padded, and the padding's rows come back for stitch to ignore), so the program
-    compiles once. The result is returned before it is computed: stitch reads the next
-    windows while the devices work.
+    compiles once, and once for any number of variable sets given to `use` (training
+    gives it each epoch's weights). The result is returned before it is computed:
+    stitch reads the next windows while the devices work.
     """
-    if per_device_batch < 1:
-        raise cli.InputError(f"--batch_size must be >= 1, got {per_device_batch}")
-    if tta not in TTA_MODES:
-        raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
-    mesh = parallel.make_mesh(jax.local_devices())
-    stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *ensemble.variables)
-    stacked = parallel.replicate(stacked, mesh)
-    step = parallel.data_parallel(
-        functools.partial(ensemble_probabilities, model=ensemble.model, tta=tta), mesh,
-        num_args=2, batch_args=(1,), shard_outputs=True)
-    global_batch = per_device_batch * jax.local_device_count()
 
-    def predict(windows: np.ndarray) -> jax.Array:
-        if len(windows) < global_batch:
-            padding = np.zeros((global_batch - len(windows), *windows.shape[1:]),
+    def __init__(self, model: models.Unet, tta: str, per_device_batch: int):
+        if per_device_batch < 1:
+            raise cli.InputError(f"--batch_size must be >= 1, got {per_device_batch}")
+        if tta not in TTA_MODES:
+            raise ValueError(f"--tta must be one of {TTA_MODES}, got {tta!r}")
+        self._mesh = parallel.make_mesh(jax.local_devices())
+        self._step = parallel.data_parallel(
+            functools.partial(ensemble_probabilities, model=model, tta=tta), self._mesh,
+            num_args=2, batch_args=(1,), shard_outputs=True)
+        self.global_batch = per_device_batch * jax.local_device_count()
+        self._stacked = None
+
+    def use(self, variables: list[dict]) -> None:
+        """Averages these models (host or replicated arrays) from the next call on."""
+        stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *jax.device_get(variables))
+        self._stacked = parallel.replicate(stacked, self._mesh)
+
+    def __call__(self, windows: np.ndarray) -> jax.Array:
+        if len(windows) < self.global_batch:
+            padding = np.zeros((self.global_batch - len(windows), *windows.shape[1:]),
                                windows.dtype)
             windows = np.concatenate([windows, padding])
-        images = parallel.to_global_batch({"image": windows}, mesh)["image"]
-        return step(stacked, images)
+        images = parallel.to_global_batch({"image": windows}, self._mesh)["image"]
+        return self._step(self._stacked, images)
 
-    return predict, global_batch
+
+def make_batch_predictor(ensemble: Ensemble, tta: str, per_device_batch: int
+                         ) -> tuple[Callable[[np.ndarray], jax.Array], int]:
+    """(predict_fn for stitch, windows per call) of the ensemble's models."""
+    predictor = BatchPredictor(ensemble.model, tta, per_device_batch)
+    predictor.use(ensemble.variables)
+    return predictor, predictor.global_batch
 
 
 def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: SlideOptions,

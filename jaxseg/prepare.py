@@ -51,7 +51,6 @@ import json
 import multiprocessing
 import os
 import queue
-import re
 import shutil
 import sys
 import tempfile
@@ -70,7 +69,6 @@ from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, SL
 PREPARE_JSON = "prepare.json"
 _STAGING_PREFIX = ".prepare-staging-"
 _DONE_SUFFIX = ".done.json"
-_RECORD_NAME = re.compile(r"(?P<slide>.+)-[0-9]+" + re.escape(records.RECORD_SUFFIX))
 PADDING = "zeros, split evenly before and after"
 
 
@@ -391,7 +389,7 @@ def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
     slide_ids = {job.slide_id for job in jobs}
     others = sorted(path.name for path in out_dir.iterdir()
                     if path.name.endswith(records.RECORD_SUFFIX)
-                    and _slide_of_record(path.name) not in slide_ids)
+                    and records.slide_of_record(path.name) not in slide_ids)
     if others:
         raise cli.InputError(f"{out_dir}: holds records of slides this run does not prepare "
                              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
@@ -399,17 +397,12 @@ def _check_no_other_slides(out_dir: paths.Path, jobs: list[SlideJob]) -> None:
                              "--out_dir, or prepare those slides too")
 
 
-def _slide_of_record(name: str) -> str | None:
-    match = _RECORD_NAME.fullmatch(name)
-    return match["slide"] if match else None
-
-
 def _replace_records(out_dir: paths.Path, slide_id: str, staged: str | None) -> None:
     """Moves a slide's records in (None: the slide has none now), removing older
     `<id>-<count>.tfrec` of that slide."""
     name = None if staged is None else os.path.basename(staged)
     for old in out_dir.iterdir():
-        if _slide_of_record(old.name) == slide_id and old.name != name:
+        if records.slide_of_record(old.name) == slide_id and old.name != name:
             old.unlink()
     # Not staged any more: a killed run moved it in already.
     if staged is not None and os.path.exists(staged):

@@ -61,7 +61,9 @@ class FoldProgress:
             return cls(lr=float(saved["lr"]), epochs_done=int(saved["epochs_done"]),
                        stopped=bool(saved["stopped"]), elapsed_s=float(saved["elapsed_s"]),
                        num_val_examples=int(saved["num_val_examples"]),
-                       history={key: list(saved["history"][key]) for key in HISTORY_KEYS},
+                       history={**{key: list(saved["history"][key]) for key in HISTORY_KEYS},
+                                **{key: list(values) for key, values
+                                   in saved["history"].items()}},
                        plateau=PlateauState(**saved["plateau"]),
                        early_stopping=EarlyStoppingState(**saved["early_stopping"]),
                        epoch=EpochProgress(int(saved.get("epoch_steps_done", 0)),

@@ -19,6 +19,7 @@ from jaxseg.tensorflow_quiet import tf
 
 RECORD_SUFFIX = ".tfrec"
 _COUNT_IN_NAME = re.compile(r"-([0-9]+)\.tfrec$")
+_RECORD_NAME = re.compile(r"(?P<slide>.+)-[0-9]+" + re.escape(RECORD_SUFFIX))
 
 
 def serialize_example(image: np.ndarray, mask: np.ndarray) -> bytes:
@@ -37,6 +38,12 @@ def serialize_example(image: np.ndarray, mask: np.ndarray) -> bytes:
 
 def record_name(slide_id: str, count: int) -> str:
     return f"{slide_id}-{count}{RECORD_SUFFIX}"
+
+
+def slide_of_record(name: str) -> str | None:
+    """The slide id of a `<id>-<count>.tfrec` file name; None for any other name."""
+    match = _RECORD_NAME.fullmatch(name)
+    return match["slide"] if match else None
 
 
 def count_from_name(path: str | os.PathLike) -> int | None:

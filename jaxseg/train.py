@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
                     locking, models, parallel, paths, precise_bn, processes, reporting, run_files,
-                    steps)
+                    slide_validation, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
-from jaxseg.progress import HISTORY_KEYS, EpochProgress, FoldProgress
+from jaxseg.progress import EpochProgress, FoldProgress
 
 def last_good_checkpoint(epochs_done: int, fold_dir: paths.Path) -> str:
     if epochs_done == 0:
@@ -184,6 +184,7 @@ class RunContext:
     preemption: processes.PreemptionWatch
     clock: reporting.RunClock
     first_compile: reporting.FirstCompile
+    slide_validation: slide_validation.SlideValidation | None = None
 
 
 def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data: data.FoldData,
@@ -204,6 +205,9 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                                 min_delta=config.plateau_min_delta, state=progress.plateau)
     early_stopping = EarlyStopping(patience=config.early_stopping_patience,
                                    state=progress.early_stopping)
+    monitor = slide_validation.monitored_metric(config)
+    if run.slide_validation is not None:
+        progress.history.setdefault(slide_validation.METRIC, [])
 
     def saved_progress() -> dict:
         progress.elapsed_s = time.time() - attempt_started
@@ -270,18 +274,20 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                                      f"{progress.num_val_examples} examples read, the file "
                                      f"names promise {fold_data.num_val_examples}; is a file "
                                      "truncated?")
+            if run.slide_validation is not None:
+                val_metrics[slide_validation.METRIC] = run.slide_validation.score(
+                    state.variables, slide_validation.slide_ids(fold_data.val_files))
             logs = {"epoch": epoch + 1, **train_metrics, **val_metrics, "lr": lr}
-            for key in HISTORY_KEYS:
-                progress.history[key].append(logs[key])
+            for key, values in progress.history.items():
+                values.append(logs[key])
             if is_main:
                 run_files.write_fold_history(fold_dir, progress.history, fold)
             run.clock.epoch_done(time.time() - epoch_started)
             progress.lr = plateau.update(logs["val_loss"], lr)
-            improved, progress.stopped = early_stopping.update(epoch, logs["val_dice_coe"])
+            improved, progress.stopped = early_stopping.update(epoch, logs[monitor])
             if improved:
                 ckpt.save_best(epoch, state.variables, {
-                    "val_dice_coe": logs["val_dice_coe"], "val_loss": logs["val_loss"],
-                    "val_per_image_dice": logs["val_per_image_dice"],
+                    **{key: logs[key] for key in val_metrics},
                     "num_val_examples": progress.num_val_examples})
             if progress.stopped:
                 run.clock.skip(config.epochs - epoch - 1)
@@ -290,7 +296,10 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 f"{time.time() - epoch_started:.0f}s - loss {logs['loss']:.4f} - dice_coe "
                 f"{logs['dice_coe']:.4f} - val_loss {logs['val_loss']:.4f} - val_dice_coe "
                 f"{logs['val_dice_coe']:.4f} - val_per_image_dice "
-                f"{logs['val_per_image_dice']:.4f} - lr {lr:.3g}"
+                f"{logs['val_per_image_dice']:.4f}"
+                + (f" - {slide_validation.METRIC} {logs[slide_validation.METRIC]:.4f}"
+                   if run.slide_validation is not None else "")
+                + f" - lr {lr:.3g}"
                 + (" *best*" if improved else "")
                 + (f" -> lr {progress.lr:.3g}" if progress.lr != lr else "")
                 + f" - {images_per_s:.1f} img/s - "
@@ -313,18 +322,22 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
         if tensorboard is not None:
             tensorboard.close()
 
-    result = fold_result(fold_data, progress, time.time() - attempt_started)
+    result = fold_result(fold_data, progress, time.time() - attempt_started, monitor)
     if is_main:
         run_files.write_fold_result(fold_dir, progress.history, result)
     return result
 
 
-def fold_result(fold_data: data.FoldData, progress: FoldProgress, elapsed_s: float) -> dict:
-    """The best epoch is the fold's model (EarlyStopping restore_best_weights)."""
+def fold_result(fold_data: data.FoldData, progress: FoldProgress, elapsed_s: float,
+                monitor: str) -> dict:
+    """The best epoch by `monitor` is the fold's model (EarlyStopping
+    restore_best_weights)."""
     best, history = progress.early_stopping.best_epoch, progress.history
+    slide_dice = history.get(slide_validation.METRIC)
     return {
-        "fold": fold_data.fold, "best_epoch": best + 1,
+        "fold": fold_data.fold, "best_epoch": best + 1, "monitor": monitor,
         "best_val_dice_coe": history["val_dice_coe"][best],
+        **({f"best_{slide_validation.METRIC}": slide_dice[best]} if slide_dice else {}),
         "val_per_image_dice": history["val_per_image_dice"][best],
         "val_loss": history["val_loss"][best],
         "num_val_examples": progress.num_val_examples,
@@ -337,7 +350,8 @@ def fold_result(fold_data: data.FoldData, progress: FoldProgress, elapsed_s: flo
 
 
 def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: list[data.FoldData],
-                init_weights: dict | None) -> dict[int, dict]:
+                init_weights: dict | None,
+                validation_slides: slide_validation.Sources | None = None) -> dict[int, dict]:
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
     model = models.build_model(config, bn_axis_name=parallel.AXIS)
@@ -351,7 +365,9 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
         run = RunContext(model, compiled, mesh, init_weights, preemption,
                          reporting.RunClock(config.epochs * len(plans)),
                          reporting.FirstCompile("train step", step_key, processes.report,
-                                                remember=processes.is_main()))
+                                                remember=processes.is_main()),
+                         None if validation_slides is None else
+                         slide_validation.SlideValidation(config, model, validation_slides))
         for plan in plans:
             fold_dir = workdir / f"fold_{plan.fold}"
             finished = processes.decided_by_main(
@@ -392,6 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     splits = data.kfold_splits(files, config.num_folds, config.seed)
     folds = config_checks.chosen_folds(config)
     plans = [data.fold_plan(config, fold, *splits[fold], counts) for fold in folds]
+    validation_slides = None if not config.val_images else slide_validation.Sources(
+        **processes.decided_by_main(lambda: dataclasses.asdict(slide_validation.Sources.find(
+            config, [plan.val_files for plan in plans]))))
     init_weights = convert.load_init_weights(config)
     is_main = processes.is_main()
     # Process 0 holds the workdir for the run; the others write nothing of their own.
@@ -404,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 f"({jax.devices()[0].platform}) in {jax.process_count()} process(es), global "
                 f"batch {config.per_device_batch_size * jax.device_count()}")
             with reporting.compile_log() as compile_seconds:
-                results = train_folds(config, workdir, plans, init_weights)
+                results = train_folds(config, workdir, plans, init_weights, validation_slides)
         except BaseException:
             if is_main and not existed and not run_files.holds_progress(workdir):
                 with contextlib.suppress(OSError):

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxseg import cli, colour, data, models, parallel, records, steps, train
+from jaxseg.progress import HISTORY_KEYS
 from jaxseg.configs import cpu as cpu_config
 
 SIZE = 64
@@ -75,7 +76,7 @@ def test_run_writes_every_artefact(finished_run, record_dir):
         assert any((fold_dir / "best").iterdir()) and any((fold_dir / "latest").iterdir())
         history = json.loads((fold_dir / "history.json").read_text())
         assert history["epoch"] == [1, 2]
-        for key in train.HISTORY_KEYS:
+        for key in HISTORY_KEYS:
             assert len(history[key]) == 2, key
         train_files, val_files = expected_splits[fold]
         assert (fold_dir / "train_files.txt").read_text().split() == train_files

@@ -20,6 +20,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = default_augment_config()
     config.tensorboard_images = 4      # validation examples shown as image | truth |
                                        # prediction in TensorBoard every epoch (0: none)
+    # Whole-slide validation (jaxseg/slide_validation.py): the slides the records were cut
+    # from (a glob) and their truth (RLE CSV or folder of <id>.png masks); each epoch the
+    # fold's validation slides are predicted whole and scored as jaxseg.evaluate does.
+    config.val_images = ""
+    config.val_truth = ""
+    config.monitor = "auto"            # what chooses the best epoch and stops early:
+                                       # 'val_dice_coe' (the recipe's, on tiles),
+                                       # 'val_slide_dice', or 'auto' (the latter when
+                                       # val_images is given)
 
     # Model.
     config.backbone = "efficientnetb5"
