@@ -175,23 +175,9 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
 def _keras_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     if _HALF_PRECISION.value:
         raise app.UsageError("--half_precision: the keras side runs float32 only")
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
-    import segmentation_models as sm
-    import tensorflow as tf
-    import tf_keras
+    import keras_recipe
 
-    def dice_coe(target, output, smooth=1e-10):
-        """The recipe's metric (tensorlayer's hard Dice over the whole batch)."""
-        output = tf.cast(output > 0.5, tf.float32)
-        target = tf.cast(target > 0.5, tf.float32)
-        inse = tf.reduce_sum(output * target)
-        return (2.0 * inse + smooth) / (tf.reduce_sum(output) + tf.reduce_sum(target) + smooth)
-
-    tf_keras.utils.set_random_seed(0)
-    model = sm.Unet(_BACKBONE.value, encoder_weights=None, input_shape=(None, None, 3))
-    model.compile(optimizer=tf_keras.optimizers.Adam(learning_rate=1e-4),
-                  loss=sm.losses.DiceLoss(), metrics=[dice_coe, "accuracy"])
+    model = keras_recipe.compiled_unet(_BACKBONE.value, seed=0, learning_rate=1e-4)
     images, masks = _random_batch(_BATCH_SIZE.value, _IMAGE_SIZE.value)
     start = time.perf_counter()
     model.train_on_batch(images, masks)
