@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 
 from jaxseg import cli, colour
-from jaxseg.colour import IDENTITY
 from jaxseg.tensorflow_quiet import tf
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
@@ -35,7 +34,8 @@ _UNIFORM_STEPS = 2**24
 _PROBABILITY_FIELDS = ("flip_left_right_prob", "flip_up_down_prob", "saturation_prob",
                        "contrast_prob", "brightness_prob", "hed_prob", "hue_prob")
 _RANGE_FIELDS = ("saturation_range", "contrast_range", "brightness_range")
-# Beyond these a scale could turn a concentration negative, or a hue shift go round twice.
+# Beyond these a scale could turn a concentration negative, or the hue range cover the
+# colour circle more than once.
 _STRENGTH_LIMITS = {"hed_scale": 1.0, "hed_shift": math.inf, "hue_max_delta": 0.5}
 
 
@@ -94,7 +94,7 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
     """
     check_augment_config(config)
     if not config.enabled:
-        return image, mask, tf.constant(IDENTITY, tf.float32)
+        return image, mask, tf.constant(colour.IDENTITY, tf.float32)
     flip_lr_seed, flip_ud_seed, rot_seed, sat_seed, con_seed, bri_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=6, alg=_RNG))
 
@@ -136,10 +136,10 @@ def _stain_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Ten
         tf.random.experimental.stateless_fold_in(seed, 1, alg=_RNG), num=2, alg=_RNG))
     delta, scale, shift = config.hue_max_delta, config.hed_scale, config.hed_shift
     hue = _colour_factor(hue_seed, config.hue_prob, (-delta, delta),
-                         identity=IDENTITY[colour.HUE])
+                         identity=colour.IDENTITY[colour.HUE])
     hed = _colour_factor(hed_seed, config.hed_prob,
                          ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
-                         identity=IDENTITY[colour.HED_SCALE] + IDENTITY[colour.HED_SHIFT])
+                         identity=colour.IDENTITY[colour.HED])
     return tf.concat([hue[None], hed], axis=0)
 
 

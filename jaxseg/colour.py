@@ -19,6 +19,7 @@ PIXEL_MAX = 255.0
 # Columns of the per-example factors: the recipe's three first, then the stain ops.
 SATURATION, CONTRAST, BRIGHTNESS, HUE = range(4)
 HED_SCALE, HED_SHIFT = slice(4, 7), slice(7, 10)
+HED = slice(HED_SCALE.start, HED_SHIFT.stop)
 # Each column's value for an op the host did not draw (the op's identity).
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
 NUM_FACTORS = len(IDENTITY)
@@ -39,7 +40,7 @@ def jitter(images: jax.Array, factors: jax.Array) -> jax.Array:
     draw, and leave the pixels bit for bit."""
     images = images.astype(jnp.float32)
     factors = factors.astype(jnp.float32)[:, None, None, :]
-    ops = ((slice(HED_SCALE.start, HED_SHIFT.stop), adjust_hed),
+    ops = ((HED, adjust_hed),
            (slice(HUE, HUE + 1), adjust_hue),
            (slice(SATURATION, SATURATION + 1), adjust_saturation),
            (slice(CONTRAST, CONTRAST + 1), adjust_contrast),

@@ -252,7 +252,6 @@ def test_bad_config_names_the_field(overrides, field):
 
 
 STAIN_ONLY = dict(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.0, **COLOUR_ONLY)
-HED_COLUMNS = slice(colour.HED_SCALE.start, colour.HED_SHIFT.stop)
 
 
 def _factors(**columns) -> np.ndarray:
@@ -272,8 +271,8 @@ def test_stain_ops_are_drawn_in_their_ranges_with_their_probabilities():
     hue = factors[:, colour.HUE]
     assert np.mean(hue != 0.0) == pytest.approx(0.4, abs=0.06)
     assert hue.min() >= -0.05 and hue.max() < 0.05
-    hed_drawn = (factors[:, HED_COLUMNS] != colour.IDENTITY[HED_COLUMNS]).all(axis=1)
-    hed_skipped = (factors[:, HED_COLUMNS] == colour.IDENTITY[HED_COLUMNS]).all(axis=1)
+    hed_drawn = (factors[:, colour.HED] != colour.IDENTITY[colour.HED]).all(axis=1)
+    hed_skipped = (factors[:, colour.HED] == colour.IDENTITY[colour.HED]).all(axis=1)
     assert (hed_drawn | hed_skipped).all()
     assert np.mean(hed_drawn) == pytest.approx(0.3, abs=0.06)
     scale, shift = factors[hed_drawn, colour.HED_SCALE], factors[hed_drawn, colour.HED_SHIFT]
