@@ -16,7 +16,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from jaxseg import models, parallel, steps  # noqa: E402
+from jaxseg import colour, models, parallel, steps  # noqa: E402
 from jaxseg.configs import b5 as b5_config, cpu as cpu_config  # noqa: E402
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "i32": 4}
@@ -38,7 +38,8 @@ def allreduce_bytes(config: ml_collections.ConfigDict, image_size: int) -> tuple
     batch = {name: jax.ShapeDtypeStruct((8, image_size, image_size, channels), jnp.uint8,
                                         sharding=split)
              for name, channels in (("image", 3), ("mask", 1))}
-    batch["colour_factors"] = jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=split)
+    batch["colour_factors"] = jax.ShapeDtypeStruct((8, colour.NUM_FACTORS), jnp.float32,
+                                                   sharding=split)
     text = compiled.train(False).lower(state, batch, np.float32(1e-3)).as_text()
     operands = [tensor for match in ALL_REDUCE.finditer(text)
                 for tensor in re.findall(r"tensor<([^>]*)>", match.group(2))]

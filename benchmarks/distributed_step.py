@@ -26,7 +26,7 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from jaxseg import models, parallel, processes, steps, train  # noqa: E402
+    from jaxseg import colour, models, parallel, processes, steps, train  # noqa: E402
     from jaxseg.configs import cpu as cpu_config
 
     if args.num_processes > 1:
@@ -43,7 +43,8 @@ def worker(args: argparse.Namespace) -> None:
         "image": rng.integers(0, 256, (local, args.image_size, args.image_size, 3), np.uint8),
         "mask": (rng.uniform(size=(local, args.image_size, args.image_size, 1)) > 0.8).astype(
             np.uint8),
-        "colour_factors": rng.uniform(0.7, 1.3, (local, 3)).astype(np.float32)}, mesh)
+        "colour_factors": (np.array(colour.IDENTITY) + rng.uniform(
+            -0.1, 0.1, (local, colour.NUM_FACTORS))).astype(np.float32)}, mesh)
     step = compiled.train(freeze_encoder=False)
     learning_rate = np.float32(1e-3)
 

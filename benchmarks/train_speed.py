@@ -104,7 +104,7 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     allocator = host_memory.use_fast_allocator()  # as `jaxseg.train` does (preloaded: _Worker)
     import jax
 
-    from jaxseg import ensembles, models, parallel, predict, steps
+    from jaxseg import colour, ensembles, models, parallel, predict, steps
 
     config = {"backbone": _BACKBONE.value, "half_precision": _HALF_PRECISION.value,
               "depthwise_impl": _DEPTHWISE_IMPL.value, "conv_impl": _CONV_IMPL.value,
@@ -117,9 +117,10 @@ def _jaxseg_tasks() -> tuple[dict[str, Callable], Callable[[], None], dict]:
     state = parallel.replicate(steps.create_train_state(variables, compiled_steps.tx, 0), mesh)
     images, masks = _random_batch(_BATCH_SIZE.value, _IMAGE_SIZE.value)
     # As the train loop sends a batch: uint8 pixels and masks, every colour op drawn.
+    factors = np.array(colour.IDENTITY, np.float32) + np.float32(0.05)
     batch = parallel.to_global_batch(
         {"image": images.astype(np.uint8), "mask": masks.astype(np.uint8),
-         "colour_factors": np.full((len(images), 3), 1.1, np.float32)}, mesh)
+         "colour_factors": np.tile(factors, (len(images), 1))}, mesh)
     learning_rate = np.float32(1e-4)
 
     facts = {"devices": f"{jax.local_device_count()} x {jax.devices()[0].device_kind}",

@@ -8,15 +8,20 @@ are a pure function of (dataset seed, example index) and a resumed run sees the 
 
 The host does the geometry, on uint8 pixels, and draws the colour factors; the train
 step applies them on the device (`colour.py`), so images travel as uint8.
+
+Beyond the recipe, a stain jitter (HED) and a hue shift make a model trained on a few
+slides less sensitive to another lab's stain; both are off unless their probability is
+set, and their draws leave the recipe's draws for a seed as they were.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
-from jaxseg import cli
-from jaxseg.colour import NUM_FACTORS
+from jaxseg import cli, colour
 from jaxseg.tensorflow_quiet import tf
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
@@ -27,8 +32,11 @@ _RNG = "philox"
 # float32 represents every multiple of 2**-24 in [0, 1) exactly.
 _UNIFORM_STEPS = 2**24
 _PROBABILITY_FIELDS = ("flip_left_right_prob", "flip_up_down_prob", "saturation_prob",
-                       "contrast_prob", "brightness_prob")
+                       "contrast_prob", "brightness_prob", "hed_prob", "hue_prob")
 _RANGE_FIELDS = ("saturation_range", "contrast_range", "brightness_range")
+# Beyond these a scale could turn a concentration negative, or the hue range cover the
+# colour circle more than once.
+_STRENGTH_LIMITS = {"hed_scale": 1.0, "hed_shift": math.inf, "hue_max_delta": 0.5}
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -44,6 +52,16 @@ def default_augment_config() -> ml_collections.ConfigDict:
         "contrast_prob": 0.55,
         "brightness_range": (0.7, 1.3),
         "brightness_prob": 0.55,
+        # Not the recipe's: each example's haematoxylin, eosin and DAB concentrations
+        # times uniform(1 - hed_scale, 1 + hed_scale) plus uniform(-hed_shift, hed_shift)
+        # (optical density units), each stain drawn on its own.
+        "hed_prob": 0.0,
+        "hed_scale": 0.05,
+        "hed_shift": 0.05,
+        # Not the recipe's: tf.image.adjust_hue's delta (turns of the colour circle)
+        # uniform in (-hue_max_delta, hue_max_delta).
+        "hue_prob": 0.0,
+        "hue_max_delta": 0.05,
         # TensorFlow's XLA aborts the process on an XLA_FLAGS entry it does not know (one
         # newer than its XLA version, meant for JAX): turn this off if that happens.
         "xla_compile": True,
@@ -60,6 +78,9 @@ def check_augment_config(config: ml_collections.ConfigDict) -> None:
         if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1]:
             raise cli.InputError(f"augment.{field} must be (low, high) with 0 <= low <= high, "
                                  f"got {config[field]}")
+    for field, high in _STRENGTH_LIMITS.items():
+        if not 0.0 <= config[field] <= high:
+            raise cli.InputError(f"augment.{field} must be in [0, {high}], got {config[field]}")
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict,
@@ -68,12 +89,12 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
     draws its colour factors.
 
     `seed` is a shape-[2] int32 tensor (the stateless-op convention; XLA takes only
-    int32). Returns the image and mask in their dtypes and float32 (saturation,
-    contrast, brightness) factors for `colour.jitter`, 1 for an op not drawn.
+    int32). Returns the image and mask in their dtypes and the float32 factors of
+    `colour.jitter` (its columns), `colour.IDENTITY` for an op not drawn.
     """
     check_augment_config(config)
     if not config.enabled:
-        return image, mask, tf.ones([NUM_FACTORS], tf.float32)
+        return image, mask, tf.constant(colour.IDENTITY, tf.float32)
     flip_lr_seed, flip_ud_seed, rot_seed, sat_seed, con_seed, bri_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=6, alg=_RNG))
 
@@ -94,7 +115,7 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
         _colour_factor(sat_seed, config.saturation_prob, config.saturation_range),
         _colour_factor(con_seed, config.contrast_prob, config.contrast_range),
         _colour_factor(bri_seed, config.brightness_prob, config.brightness_range)])
-    return image, mask, factors
+    return image, mask, tf.concat([factors, _stain_factors(seed, config)], axis=0)
 
 
 def augment_fn(config: ml_collections.ConfigDict) -> AugmentFn:
@@ -108,15 +129,33 @@ def augment_fn(config: ml_collections.ConfigDict) -> AugmentFn:
                        jit_compile=config.xla_compile)
 
 
-def _uniform(seed: tf.Tensor, low: float = 0.0, high: float = 1.0) -> tf.Tensor:
-    """A float uniform in [low, high) built from integer draws.
+def _stain_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """The hue delta, then the HED scales and shifts, from a seed folded off the
+    example's so that the recipe's ops draw what they drew before these existed."""
+    hue_seed, hed_seed = tf.unstack(tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, 1, alg=_RNG), num=2, alg=_RNG))
+    delta, scale, shift = config.hue_max_delta, config.hed_scale, config.hed_shift
+    hue = _colour_factor(hue_seed, config.hue_prob, (-delta, delta),
+                         identity=colour.IDENTITY[colour.HUE])
+    hed = _colour_factor(hed_seed, config.hed_prob,
+                         ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
+                         identity=colour.IDENTITY[colour.HED])
+    return tf.concat([hue[None], hed], axis=0)
+
+
+def _uniform(seed: tf.Tensor, low: Any = 0.0, high: Any = 1.0) -> tf.Tensor:
+    """Floats uniform in [low, high) built from integer draws, one per element of the
+    bounds (a scalar for scalar bounds).
 
     TensorFlow's float draws differ between its own kernels and XLA for the same seed;
     integer draws agree, so augmentations do not depend on how the graph is compiled.
     """
-    bits = tf.random.stateless_uniform([], seed, minval=0, maxval=_UNIFORM_STEPS,
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    bits = tf.random.stateless_uniform(low.shape, seed, minval=0, maxval=_UNIFORM_STEPS,
                                        dtype=tf.int32, alg=_RNG)
-    return low + (high - low) * (tf.cast(bits, tf.float32) / _UNIFORM_STEPS)
+    # The bounds' difference is taken before rounding to float32, as for Python floats.
+    return (tf.constant(low, tf.float32)
+            + tf.constant(high - low, tf.float32) * (tf.cast(bits, tf.float32) / _UNIFORM_STEPS))
 
 
 def _coin(seed: tf.Tensor, probability: float) -> tf.Tensor:
@@ -128,10 +167,12 @@ def _maybe(condition: tf.Tensor, transform: Callable[[], Any], identity: Any) ->
     return tf.cond(condition, transform, lambda: identity)
 
 
-def _colour_factor(seed: tf.Tensor, probability: float,
-                   factor_range: tuple[float, float]) -> tf.Tensor:
-    """A factor uniform in the range with the op's probability, else 1 (no op)."""
+def _colour_factor(seed: tf.Tensor, probability: float, factor_range: tuple[Any, Any],
+                   identity: Any = 1.0) -> tf.Tensor:
+    """Factors uniform in the range (scalar bounds, or one pair per factor) with the
+    op's probability, else the op's identity (no op)."""
     coin_seed, factor_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=2, alg=_RNG))
     low, high = factor_range
-    return tf.where(_coin(coin_seed, probability), _uniform(factor_seed, low, high), 1.0)
+    return tf.where(_coin(coin_seed, probability), _uniform(factor_seed, low, high),
+                    tf.constant(identity, tf.float32))

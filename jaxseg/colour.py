@@ -4,31 +4,53 @@ Images cross from the host to the device as uint8, a quarter of the bytes of flo
 the host flips and rotates them (`augment.py`, on whole bytes) and draws each example's
 colour factors; the device turns them into floats and applies the factors, per-pixel
 work that fuses into a few elementwise loops beside the network's convolutions.
+
+Besides the recipe's saturation, contrast and brightness, two ops model slides stained
+or scanned elsewhere: a jitter of the haematoxylin, eosin and DAB concentrations
+(Ruifrok & Johnston's colour deconvolution, as in Tellez et al. 2018) and a hue shift.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PIXEL_MAX = 255.0
-# Columns of the per-example factors, in the order the ops apply (the recipe's order).
-SATURATION, CONTRAST, BRIGHTNESS = range(3)
-NUM_FACTORS = 3
+# Columns of the per-example factors: the recipe's three first, then the stain ops.
+SATURATION, CONTRAST, BRIGHTNESS, HUE = range(4)
+HED_SCALE, HED_SHIFT = slice(4, 7), slice(7, 10)
+HED = slice(HED_SCALE.start, HED_SHIFT.stop)
+# Each column's value for an op the host did not draw (the op's identity).
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+NUM_FACTORS = len(IDENTITY)
 # Below this chroma a pixel is grey: its saturation stays 0 whatever the factor.
 _MIN_CHROMA = 1e-6
+# Optical density of one unit of haematoxylin, eosin and DAB (rows) in R, G, B: the
+# vectors scikit-image's rgb2hed uses.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+_RGB_FROM_HED = _RGB_FROM_HED.astype(np.float32)
 
 
 def jitter(images: jax.Array, factors: jax.Array) -> jax.Array:
-    """(N, H, W, 3) pixels on 0..255 (any dtype) with each example's saturation, contrast
-    and brightness factors (N, 3) applied in turn, as float32 clipped to 0..255 after
-    each op, as the same op on a uint8 image would be. A factor of exactly 1 is an op
-    the host did not draw, and leaves the pixels bit for bit."""
+    """(N, H, W, 3) pixels on 0..255 (any dtype) with each example's factors (N,
+    NUM_FACTORS) applied: stain (HED), hue, saturation, contrast, brightness in turn, as
+    float32 clipped to 0..255 after each op. Stain comes first because a slide is
+    stained before it is scanned. Factors equal to IDENTITY are an op the host did not
+    draw, and leave the pixels bit for bit."""
     images = images.astype(jnp.float32)
-    for column, adjust in ((SATURATION, adjust_saturation), (CONTRAST, adjust_contrast),
-                           (BRIGHTNESS, jnp.multiply)):
-        factor = factors[:, column, None, None, None].astype(jnp.float32)
-        adjusted = jnp.clip(adjust(images, factor), 0.0, PIXEL_MAX)
-        images = jnp.where(factor == 1.0, images, adjusted)
+    factors = factors.astype(jnp.float32)[:, None, None, :]
+    ops = ((HED, adjust_hed),
+           (slice(HUE, HUE + 1), adjust_hue),
+           (slice(SATURATION, SATURATION + 1), adjust_saturation),
+           (slice(CONTRAST, CONTRAST + 1), adjust_contrast),
+           (slice(BRIGHTNESS, BRIGHTNESS + 1), jnp.multiply))
+    for columns, adjust in ops:
+        params = factors[..., columns]
+        drawn = jnp.any(params != jnp.asarray(IDENTITY[columns], jnp.float32), axis=-1,
+                        keepdims=True)
+        adjusted = jnp.clip(adjust(images, params), 0.0, PIXEL_MAX)
+        images = jnp.where(drawn, adjusted, images)
     return images
 
 
@@ -48,3 +70,50 @@ def adjust_contrast(images: jax.Array, factor: jax.Array) -> jax.Array:
     """`tf.image.adjust_contrast`: each channel's distance from its image mean, scaled."""
     mean = jnp.mean(images, axis=(1, 2), keepdims=True)
     return (images - mean) * factor + mean
+
+
+def adjust_hue(images: jax.Array, delta: jax.Array) -> jax.Array:
+    """`tf.image.adjust_hue`: HSV hue plus `delta` turns of the colour circle, with
+    saturation and value kept.
+
+    Value V and chroma C are those of the input; the output channel n (5, 3, 1 for R,
+    G, B) is V - C clip(min(k, 4 - k), 0, 1) with k = (n + 6 hue) mod 6, the HSV to
+    RGB map without its case split.
+    """
+    red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+    value = jnp.max(images, axis=-1)
+    chroma = value - jnp.min(images, axis=-1)
+    safe = jnp.maximum(chroma, _MIN_CHROMA)
+    # Hue in sixths of a turn, with tf's tie order (red, then green, then blue).
+    sixths = jnp.where(value == red, (green - blue) / safe,
+                       jnp.where(value == green, (blue - red) / safe + 2,
+                                 (red - green) / safe + 4))
+    sixths = jnp.mod(sixths + 6 * delta[..., 0], 6.0)
+    k = jnp.mod(jnp.array([5.0, 3.0, 1.0]) + sixths[..., None], 6.0)
+    return value[..., None] - chroma[..., None] * jnp.clip(jnp.minimum(k, 4 - k), 0, 1)
+
+
+def adjust_hed(images: jax.Array, params: jax.Array) -> jax.Array:
+    """Each stain's concentration c scaled and shifted, c' = scale c + shift, with
+    params (..., 6) holding the three scales then the three shifts (optical density
+    units): more or less of each dye, as slides stained in another lab show."""
+    return hed_to_rgb(rgb_to_hed(images) * params[..., :3] + params[..., 3:])
+
+
+def rgb_to_hed(images: jax.Array) -> jax.Array:
+    """Haematoxylin, eosin and DAB concentrations of 0..255 pixels, in optical density
+    units (natural log), not clipped at 0 so that `hed_to_rgb` inverts it. Pixels
+    below 1 count as 1, where the optical density would be infinite."""
+    density = -jnp.log(jnp.maximum(images, 1.0) / PIXEL_MAX)
+    return _mix(density, _HED_FROM_RGB)
+
+
+def hed_to_rgb(hed: jax.Array) -> jax.Array:
+    """0..255 pixels (unclipped) of the given stain concentrations."""
+    return PIXEL_MAX * jnp.exp(-_mix(hed, _RGB_FROM_HED))
+
+
+def _mix(vectors: jax.Array, matrix: np.ndarray) -> jax.Array:
+    """(..., 3) @ (3, 3) as multiply-adds, so that it fuses with the elementwise work
+    around it and keeps float32 where a TPU matmul would round its inputs to bfloat16."""
+    return sum(vectors[..., i, None] * matrix[i] for i in range(3))

@@ -19,6 +19,11 @@ cannot separate glomeruli from arterioles: a model must use the arrangement.
 Everything is a deterministic function of the seed and of absolute pixel position
 (hashed white noise, sinusoid fields), so a slide renders identically window by
 window: large slides are written tile by tile without ever holding the image as float.
+
+Slides from different labs and scanners differ in stain colour; `--stain_spread` gives
+each slide its own stain (see `draw_stain`) and `--test_stain_shift` moves the test
+slides' stain away from the training slides', so that robustness to stain can be
+measured. Both leave the layout and the masks as they are.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import tifffile
@@ -67,6 +72,10 @@ _MOTTLED = np.zeros(len(_COLOURS), bool)
 _MOTTLED[[_TUFT, _VESSEL_WALL]] = True
 _NUCLEUS_SIGMA = 2.5
 _MOTTLE_SIGMA = 4.0
+Stain = tuple[float, float, float]
+NO_STAIN: Stain = (1.0, 1.0, 1.0)
+# Mixed into a slide's seed for its stain draw, so that the layout's draws stay as they are.
+_STAIN_SALT = 0x57A1
 
 
 @dataclass(frozen=True)
@@ -102,11 +111,15 @@ class Scene:
     tubules: Ellipses
     vessels: Ellipses
     glomeruli: Glomeruli
+    stain: Stain = NO_STAIN     # factor on each channel's optical density (`render`)
 
 
 def make_scene(height: int, width: int, seed: int, glomeruli_per_mpx: float = 3.5,
-               radius: tuple[float, float] = (60, 110)) -> Scene:
-    """Random layout of one slide; object sizes scale with `radius` (full-res px)."""
+               radius: tuple[float, float] = (60, 110), stain: Stain = NO_STAIN) -> Scene:
+    """Random layout of one slide; object sizes scale with `radius` (full-res px).
+
+    `stain` changes colours only: the layout, and so the mask, follows from the seed.
+    """
     rng = np.random.default_rng(seed)
     scale = min(height, width)
     tissue_waves = _random_waves(rng, 8, scale / 1.2, scale / 3.0, amplitude=0.35)
@@ -122,7 +135,28 @@ def make_scene(height: int, width: int, seed: int, glomeruli_per_mpx: float = 3.
     vessels = _place_vessels(rng, bare, vessel_count, mean_radius, occupied)
     tubules = _place_tubules(rng, bare, tubule_size=0.4 * mean_radius)
     return Scene(height, width, seed, tissue_waves, stain_waves, tint, tubules, vessels,
-                 glomeruli)
+                 glomeruli, tuple(float(f) for f in stain))
+
+
+def draw_stain(seed: int, spread: float, shift: Sequence[float] = NO_STAIN) -> Stain:
+    """A slide's optical-density factors: `shift` times uniform(1 - spread, 1 + spread)
+    per channel, a function of the slide's seed alone.
+
+    A factor scales how much light a channel's dyes absorb, the way more or less
+    haematoxylin or eosin, or another scanner's filters, change a slide.
+    """
+    _check_stain(spread, shift)
+    if spread == 0:
+        return tuple(float(f) for f in shift)
+    rng = np.random.default_rng([seed, _STAIN_SALT])
+    return tuple(float(f) for f in np.asarray(shift) * rng.uniform(1 - spread, 1 + spread, 3))
+
+
+def _check_stain(spread: float, shift: Sequence[float]) -> None:
+    if not 0 <= spread < 1:
+        raise cli.InputError(f"stain_spread must be in [0, 1), got {spread}")
+    if len(shift) != 3 or not all(f > 0 for f in shift):
+        raise cli.InputError(f"test_stain_shift must be 3 positive factors, got {list(shift)}")
 
 
 def render(scene: Scene, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -154,7 +188,16 @@ def render(scene: Scene, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     stain = np.broadcast_to(stain, labels.shape)[tissue][:, None] * scene.tint
     colour[tissue] = 255 - (255 - colour[tissue]) * stain
     colour += (white[..., None] - 0.5) * 8
+    if scene.stain != NO_STAIN:
+        colour = _stained(colour, scene.stain)
     return np.clip(colour + 0.5, 0, 255).astype(np.uint8)
+
+
+def _stained(colour: np.ndarray, stain: Stain) -> np.ndarray:
+    """Each channel's optical density -log(I / 255) times its factor: dense (dark)
+    pixels change most, nearly transparent glass barely."""
+    intensity = np.clip(colour, 1, 255) / np.float32(255)
+    return 255 * intensity ** np.asarray(stain, np.float32)
 
 
 def glomerulus_mask(scene: Scene) -> np.ndarray:
@@ -204,8 +247,15 @@ def write_slide(path: str | Path, scene: Scene, layout: str) -> None:
 def make_dataset(out_dir: str | Path, num_train: int = 6, num_test: int = 2,
                  height: int = 3000, width: int = 3000, seed: int = 0,
                  glomeruli_per_mpx: float = 3.5,
-                 radius: tuple[float, float] = (60, 110)) -> dict:
-    """Writes a competition-layout dataset; returns {split: {id: {layout, glomeruli}}}."""
+                 radius: tuple[float, float] = (60, 110), stain_spread: float = 0.0,
+                 test_stain_shift: Sequence[float] = NO_STAIN) -> dict:
+    """Writes a competition-layout dataset; returns {split: {id: {layout, glomeruli,
+    stain}}}.
+
+    Every slide's stain is drawn with `stain_spread` (`draw_stain`); the test slides'
+    is also multiplied by `test_stain_shift`, as slides from another lab would be.
+    """
+    _check_stain(stain_spread, test_stain_shift)
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     ids = []
@@ -219,14 +269,16 @@ def make_dataset(out_dir: str | Path, num_train: int = 6, num_test: int = 2,
     slide_seeds = rng.integers(2 ** 31, size=len(ids))
     jobs = [(split, slide_id) for split in ("train", "test") for slide_id in splits[split]]
     for number, (split, slide_id) in enumerate(tqdm(jobs, desc="synthetic slides")):
-        scene = make_scene(height, width, int(slide_seeds[number]), glomeruli_per_mpx,
-                           radius)
+        seed = int(slide_seeds[number])
+        stain = draw_stain(seed, stain_spread,
+                           test_stain_shift if split == "test" else NO_STAIN)
+        scene = make_scene(height, width, seed, glomeruli_per_mpx, radius, stain)
         layout = LAYOUTS[number % len(LAYOUTS)]
         (out_dir / split).mkdir(parents=True, exist_ok=True)
         write_slide(out_dir / split / f"{slide_id}.tiff", scene, layout)
         encodings[split].append((slide_id, rle.encode(glomerulus_mask(scene))))
         summary[split][slide_id] = {"layout": layout,
-                                    "glomeruli": len(scene.glomeruli.cy)}
+                                    "glomeruli": len(scene.glomeruli.cy), "stain": stain}
     _write_csv(out_dir / "train.csv", ("id", "encoding"), encodings["train"])
     _write_csv(out_dir / "test_truth.csv", ("id", "encoding"), encodings["test"])
     _write_csv(out_dir / "sample_submission.csv", ("id", "predicted"),
@@ -495,19 +547,33 @@ def define_flags() -> None:
                        "(Poisson; fewer when the tissue has no room left).")
     flags.DEFINE_float("min_radius", 60, "Smallest glomerulus radius, full-res pixels.")
     flags.DEFINE_float("max_radius", 110, "Largest glomerulus radius, full-res pixels.")
+    flags.DEFINE_float("stain_spread", 0.0, "Each slide's optical density per channel is "
+                       "scaled by a factor uniform in 1 +- this (0.1: +-10%); 0: one stain.")
+    flags.DEFINE_list("test_stain_shift", ["1", "1", "1"], "Three factors (R,G,B) on the "
+                      "test slides' optical density on top of their drawn stain, as slides "
+                      "from another lab: e.g. 1.1,0.9,1.")
 
 
 def main() -> None:
     options = flags.FLAGS
     if not options.out_dir:
         raise cli.InputError("--out_dir is required")
+    try:
+        shift = [float(f) for f in options.test_stain_shift]
+    except ValueError:
+        raise cli.InputError(f"--test_stain_shift must be 3 numbers, got "
+                             f"{','.join(options.test_stain_shift)}") from None
     summary = make_dataset(options.out_dir, options.num_train, options.num_test,
                            options.height, options.width, options.seed,
-                           options.glomeruli_per_mpx, (options.min_radius, options.max_radius))
+                           options.glomeruli_per_mpx, (options.min_radius, options.max_radius),
+                           options.stain_spread, shift)
     for split, slides in summary.items():
         for slide_id, info in slides.items():
+            stain = info["stain"]
+            described = "" if stain == NO_STAIN else ", stain " + ",".join(
+                f"{f:.3f}" for f in stain)
             print(f"{split}/{slide_id}.tiff: {info['layout']}, "
-                  f"{info['glomeruli']} glomeruli")
+                  f"{info['glomeruli']} glomeruli{described}")
 
 
 def run() -> None:

@@ -6,6 +6,7 @@ are checked together where the recipe's op is the whole of both.
 import numpy as np
 import pytest
 import tensorflow as tf
+from skimage import color as skimage_color
 
 from jaxseg import colour
 from jaxseg.augment import augment, augment_fn, check_augment_config, default_augment_config
@@ -75,7 +76,7 @@ def test_geometry_moves_mask_with_image_and_every_symmetry_occurs():
     seen = set()
     for out_image, out_mask, factors in _run(_config(**GEOMETRY_ONLY), image, mask):
         assert out_image.dtype == np.uint8
-        np.testing.assert_array_equal(factors, [1.0, 1.0, 1.0])
+        np.testing.assert_array_equal(factors, colour.IDENTITY)
         rows, cols = out_image[..., 0].astype(int), out_image[..., 1].astype(int)
         np.testing.assert_array_equal(out_mask, mask[rows, cols])
         seen.add(_which(out_image, _dihedral(image)))
@@ -126,6 +127,7 @@ def test_default_config_matches_the_recipe():
     assert tuple(config.brightness_range) == (0.7, 1.3)
     assert config.saturation_prob == config.contrast_prob == config.brightness_prob == 0.55
     assert config.xla_compile
+    assert config.hed_prob == config.hue_prob == 0.0  # not the recipe's: off
 
 
 def _random_tile(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,13 +173,14 @@ def test_each_colour_factor_is_drawn_in_its_range_with_its_probability(column, f
     drawn = factors[:, column] != 1.0
     assert np.mean(drawn) == pytest.approx(0.3, abs=0.06)
     assert factors[drawn, column].min() >= 0.7 and factors[drawn, column].max() < 0.9
-    assert (np.delete(factors, column, axis=1) == 1.0).all()
+    assert (np.delete(factors - colour.IDENTITY, column, axis=1) == 0.0).all()
 
 
 def test_a_factor_of_one_leaves_pixels_bit_for_bit():
     image, _ = _random_tile(4)
-    np.testing.assert_array_equal(colour.jitter(image[None], np.ones((1, 3), np.float32))[0],
-                                  image.astype(np.float32))
+    np.testing.assert_array_equal(
+        colour.jitter(image[None], np.array([colour.IDENTITY], np.float32))[0],
+        image.astype(np.float32))
 
 
 def test_contrast_is_tf_image_adjust_contrast_clipped():
@@ -199,17 +202,19 @@ def test_saturation_equals_tf_image_hsv_saturation(factor):
                                atol=0.02)
 
 
-def test_xla_compiled_augment_draws_what_uncompiled_augment_draws():
+@pytest.mark.parametrize("overrides", [{}, dict(hed_prob=0.5, hue_prob=0.5)])
+def test_xla_compiled_augment_draws_what_uncompiled_augment_draws(overrides):
     image, mask = _random_tile(5)
-    compiled = augment_fn(default_augment_config())
+    compiled = augment_fn(_config(**overrides))
     for seed, (plain_image, plain_mask, plain_factors) in enumerate(
-            _run(default_augment_config(), image, mask, num_seeds=40)):
+            _run(_config(**overrides), image, mask, num_seeds=40)):
         xla_image, xla_mask, xla_factors = compiled(image, mask,
                                                     tf.constant([11, seed], tf.int32))
         np.testing.assert_array_equal(xla_image, plain_image)
         np.testing.assert_array_equal(xla_mask, plain_mask)
-        # One float32 rounding apart at most: XLA may fuse low + (high - low) * u.
-        np.testing.assert_allclose(xla_factors, plain_factors, rtol=2e-7)
+        # One float32 rounding apart at most: XLA may fuse low + (high - low) * u (an
+        # absolute rounding for a stain shift near 0).
+        np.testing.assert_allclose(xla_factors, plain_factors, rtol=2e-7, atol=1e-8)
 
 
 def test_same_seed_same_result_and_seeds_differ():
@@ -227,7 +232,7 @@ def test_disabled_leaves_the_tile_as_it_is():
     assert out_image.dtype == np.uint8
     np.testing.assert_array_equal(out_image, image)
     np.testing.assert_array_equal(out_mask, mask)
-    np.testing.assert_array_equal(factors, [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(factors, colour.IDENTITY)
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -235,7 +240,113 @@ def test_disabled_leaves_the_tile_as_it_is():
     (dict(brightness_prob=-0.1), "brightness_prob"),
     (dict(contrast_range=(1.3, 0.7)), "contrast_range"),
     (dict(saturation_range=(-0.5, 1.0)), "saturation_range"),
+    (dict(hed_prob=1.5), "hed_prob"),
+    (dict(hue_prob=-1.0), "hue_prob"),
+    (dict(hed_scale=1.5), "hed_scale"),
+    (dict(hed_shift=-0.1), "hed_shift"),
+    (dict(hue_max_delta=0.6), "hue_max_delta"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"augment.{field}"):
         check_augment_config(_config(**overrides))
+
+
+STAIN_ONLY = dict(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.0, **COLOUR_ONLY)
+
+
+def _factors(**columns) -> np.ndarray:
+    """One example's factor row: the identity but for the named columns."""
+    row = np.array(colour.IDENTITY, np.float32)
+    for name, value in columns.items():
+        row[getattr(colour, name.upper())] = value
+    return row
+
+
+def test_stain_ops_are_drawn_in_their_ranges_with_their_probabilities():
+    config = _config(hed_prob=0.3, hed_scale=0.2, hed_shift=0.1, hue_prob=0.4,
+                     hue_max_delta=0.05, **STAIN_ONLY)
+    factors = np.stack([f for _, _, f in _run(config, *_random_tile(8))])
+    recipe = factors[:, :colour.HUE]
+    assert (recipe == 1.0).all()
+    hue = factors[:, colour.HUE]
+    assert np.mean(hue != 0.0) == pytest.approx(0.4, abs=0.06)
+    assert hue.min() >= -0.05 and hue.max() < 0.05
+    hed_drawn = (factors[:, colour.HED] != colour.IDENTITY[colour.HED]).all(axis=1)
+    hed_skipped = (factors[:, colour.HED] == colour.IDENTITY[colour.HED]).all(axis=1)
+    assert (hed_drawn | hed_skipped).all()
+    assert np.mean(hed_drawn) == pytest.approx(0.3, abs=0.06)
+    scale, shift = factors[hed_drawn, colour.HED_SCALE], factors[hed_drawn, colour.HED_SHIFT]
+    assert scale.min() >= 0.8 and scale.max() < 1.2
+    assert shift.min() >= -0.1 and shift.max() < 0.1
+    # Each stain is drawn on its own, and the two ops independently of each other.
+    assert (scale[:, 0] != scale[:, 1]).all() and (shift[:, 1] != shift[:, 2]).all()
+    assert np.mean(hed_drawn & (hue != 0)) == pytest.approx(0.3 * 0.4, abs=0.05)
+
+
+def test_stain_ops_leave_the_recipes_draws_as_they_were():
+    image, mask = _random_tile(9)
+    recipe = _run(default_augment_config(), image, mask, num_seeds=40)
+    stained = _run(_config(hed_prob=1.0, hue_prob=1.0), image, mask, num_seeds=40)
+    for (image_a, mask_a, factors_a), (image_b, mask_b, factors_b) in zip(recipe, stained):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(mask_a, mask_b)
+        np.testing.assert_array_equal(factors_a[:colour.HUE], factors_b[:colour.HUE])
+        assert (factors_b[colour.HUE:] != factors_a[colour.HUE:]).all()
+
+
+def test_stain_ops_not_drawn_leave_pixels_bit_for_bit():
+    image, _ = _random_tile(10)
+    factors = np.stack([_factors(hue=0.1), _factors(), _factors(hed_scale=1.1)])
+    out = np.asarray(colour.jitter(np.stack([image] * 3), factors))
+    np.testing.assert_array_equal(out[1], image.astype(np.float32))
+    assert not np.array_equal(out[0], out[1]) and not np.array_equal(out[2], out[1])
+
+
+# scikit-image divides optical density by -log(1e-6) and clips concentrations at 0.
+SKIMAGE_UNIT = -np.log(1e-6)
+
+
+def test_hed_concentrations_are_scikit_images_rgb2hed_and_back():
+    image = np.random.default_rng(11).integers(1, 256, (16, 16, 3)).astype(np.uint8)
+    image[0, :3] = [[255, 255, 255], [1, 1, 1], [255, 1, 128]]
+    hed = np.asarray(colour.rgb_to_hed(image.astype(np.float32)))
+    reference = skimage_color.rgb2hed(image)
+    np.testing.assert_allclose(np.maximum(hed, 0) / SKIMAGE_UNIT, reference, atol=2e-6)
+    np.testing.assert_allclose(
+        np.clip(colour.hed_to_rgb(reference.astype(np.float32) * SKIMAGE_UNIT), 0, 255),
+        skimage_color.hed2rgb(reference) * 255, atol=2e-3)
+    # Unclipped, the concentrations invert exactly: the identity jitter changes nothing.
+    np.testing.assert_allclose(colour.hed_to_rgb(hed), image, atol=2e-3)
+
+
+def test_hed_jitter_scales_and_shifts_each_stains_concentration():
+    image = np.random.default_rng(12).integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    scale, shift = np.array([[1.2, 0.9, 1.05], [0.8, 1.1, 1.0]], np.float32), np.array(
+        [[0.05, -0.1, 0.0], [-0.02, 0.03, 0.1]], np.float32)
+    factors = np.stack([_factors(hed_scale=a, hed_shift=b) for a, b in zip(scale, shift)])
+    # An independent float64 computation of the same colour deconvolution.
+    stains = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    density = -np.log(np.maximum(image, 1) / 255.0)
+    hed = density @ np.linalg.inv(stains)
+    moved = hed * scale[:, None, None] + shift[:, None, None]
+    expected = np.clip(255 * np.exp(-moved @ stains), 0, 255)
+    np.testing.assert_allclose(colour.jitter(image, factors), expected, atol=0.02)
+
+
+@pytest.mark.parametrize("delta", [-0.5, -0.2, 0.03, 0.25, 0.5, 0.9])
+def test_hue_equals_tf_image_adjust_hue(delta):
+    image = np.random.default_rng(13).integers(0, 256, (32, 32, 3)).astype(np.float32)
+    image[0, :8] = [[0, 0, 0], [255, 255, 255], [90, 90, 90], [255, 0, 0], [0, 255, 0],
+                    [0, 0, 255], [200, 200, 10], [10, 200, 200]]
+    expected = tf.image.adjust_hue(image / 255.0, delta) * 255.0
+    np.testing.assert_allclose(colour.adjust_hue(image, np.full((1,), delta, np.float32)),
+                               expected, atol=0.02)
+
+
+def test_hue_through_the_jitter_is_adjust_hue_per_example():
+    image = np.random.default_rng(14).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+    factors = np.stack([_factors(hue=0.1), _factors(hue=-0.3)])
+    out = np.asarray(colour.jitter(image, factors))
+    for example, delta in enumerate((0.1, -0.3)):
+        expected = tf.image.adjust_hue(image[example] / 255.0, delta) * 255.0
+        np.testing.assert_allclose(out[example], expected, atol=0.02)

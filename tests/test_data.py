@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from sklearn.model_selection import KFold
 
+from jaxseg import colour
 from jaxseg.augment import default_augment_config
 from jaxseg.data import (checked_counts, count_examples, host_shard, kfold_splits,
                          list_record_files, num_validation_batches, train_batches,
@@ -199,10 +200,11 @@ def test_train_epoch_has_exactly_steps_batches_of_augmented_examples(files):
         assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
         assert batch["mask"].shape == (4, SIZE, SIZE, 1) and batch["mask"].dtype == np.uint8
         assert set(np.unique(batch["mask"])) <= {0, 1}
-        assert batch["colour_factors"].shape == (4, 3)
+        assert batch["colour_factors"].shape == (4, colour.NUM_FACTORS)
         assert batch["colour_factors"].dtype == np.float32
     factors = np.concatenate([batch["colour_factors"] for batch in batches])
-    assert (factors != 1.0).any() and (factors == 1.0).any()
+    drawn = factors != colour.IDENTITY
+    assert drawn.any() and not drawn.all()
 
 
 @pytest.mark.parametrize("deterministic", [True, False])

@@ -269,11 +269,15 @@ class _PixelModel(nn.Module):
 
 
 def test_train_step_colours_uint8_images_as_the_host_would_before_sending_floats():
-    """Images cross as uint8 with colour factors; the step's result is that of the same
-    jitter applied to float images on the host and sent as they are."""
+    """Images cross as uint8 with colour factors (the recipe's, a hue shift, a stain
+    jitter, none); the step's result is that of the same jitter applied to float images
+    on the host and sent as they are."""
     batch = toy_batch(4, 11)
-    batch["colour_factors"] = np.array([[1.3, 1.0, 0.8], [1.0, 1.2, 1.0], [0.7, 0.9, 1.25],
-                                        [1.0, 1.0, 1.0]], np.float32)
+    factors = np.tile(np.array(colour.IDENTITY, np.float32), (4, 1))
+    factors[:3, :colour.HUE] = [[1.3, 1.0, 0.8], [1.0, 1.2, 1.0], [0.7, 0.9, 1.25]]
+    factors[1, colour.HUE] = 0.1
+    factors[2, colour.HED_SCALE], factors[2, colour.HED_SHIFT] = [1.1, 0.9, 1.0], [0.05, 0, -0.02]
+    batch["colour_factors"] = factors
     jittered = {"image": np.asarray(colour.jitter(batch["image"], batch["colour_factors"])),
                 "mask": batch["mask"].astype(np.float32)}
     model = _PixelModel()
