@@ -39,8 +39,9 @@ class TrainState:
 
 
 def make_optimizer() -> optax.GradientTransformation:
-    """Adam without the step size: the learning rate is a step argument so the host-side
-    plateau controller can change it without touching the compiled program.
+    """Adam without the step size: the learning rate is a step argument so the host (the
+    plateau controller, or the schedule of `schedules.py`) can change it at any step
+    without touching the compiled program.
 
     epsilon 1e-7 is tf.keras' Adam default (optax's is 1e-8).
     """

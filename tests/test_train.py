@@ -318,8 +318,9 @@ def _run_epoch(monkeypatch, losses, metrics_every, stop_after=None):
     fold_data = data.FoldData(0, [], [], len(losses), 1, 8, 8)
     progress = train.EpochProgress()
     result = train.train_epoch(
-        jnp.zeros(()), step_fn, batches, 1e-3, fold_data, 0, 1, mesh, "nothing saved",
-        progress, _StopAfter(stop_after), prefetch=2, metrics_every=metrics_every)
+        jnp.zeros(()), step_fn, batches, np.full(len(losses), 1e-3), fold_data, 0, 1, mesh,
+        "nothing saved", progress, _StopAfter(stop_after), prefetch=2,
+        metrics_every=metrics_every)
     return result, progress, reads
 
 
