@@ -27,7 +27,8 @@ RESUMABLE_CHANGES = ("epochs", "folds", *IMPL_FIELDS, "remat", "prefetch_batches
                      "metrics_every_steps", "tensorboard_images")
 # Options added after runs were made, and the value that gives what those runs did: a
 # run whose config.json lacks one resumes with that value.
-ADDED_OPTIONS = {"precise_bn_batches": 0, "lr_schedule": "plateau", "warmup_epochs": 0.0}
+ADDED_OPTIONS = {"precise_bn_batches": 0, "ema_decay": 0.0, "lr_schedule": "plateau",
+                 "warmup_epochs": 0.0}
 
 
 def check_model_config(config: Config) -> None:
@@ -81,6 +82,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
         raise cli.InputError(f"config.min_learning_rate must be in [0, learning_rate="
                              f"{config.learning_rate}] for the cosine schedule, got "
                              f"{config.min_learning_rate}")
+    if not 0 <= config.ema_decay < 1:
+        raise cli.InputError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     # Here rather than at the top: prediction checks model configs without TensorFlow.
     from jaxseg.augment import check_augment_config
     check_augment_config(config.augment)

@@ -350,11 +350,11 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
     model = models.build_model(config, bn_axis_name=parallel.AXIS)
-    compiled = steps.CompiledSteps(model, config.loss, mesh)
+    compiled = steps.CompiledSteps(model, config.loss, mesh, config.ema_decay)
     results = {}
     step_key = (f"train step {config.backbone} {config.image_size}px "
                 f"{config.per_device_batch_size}x{jax.device_count()} {jax.devices()[0].platform}"
-                f"{' bf16' if config.half_precision else ''}"
+                f"{' bf16' if config.half_precision else ''}{' ema' if config.ema_decay else ''}"
                 f" remat={config.remat} jax {jax.__version__}")
     with processes.PreemptionWatch(mesh) as preemption:
         run = RunContext(model, compiled, mesh, init_weights, preemption,

@@ -25,6 +25,7 @@ from jaxseg import cli, config_checks
      "plateau, cosine"),
     ("warmup_epochs", -0.5, "config.warmup_epochs must be in [0, epochs=60), got -0.5"),
     ("warmup_epochs", 60, "config.warmup_epochs must be in [0, epochs=60), got 60"),
+    ("ema_decay", 1.0, "config.ema_decay must be in [0, 1), got 1.0"),
 ])
 def test_bad_value_names_its_field(field, value, message):
     config = default.get_config()

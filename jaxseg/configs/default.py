@@ -56,4 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.precise_bn_batches = 0      # > 0: BatchNorm statistics recomputed over this many
                                        # training batches before each validation
                                        # (jaxseg/precise_bn.py); 0: the recipe's moving averages
+    config.ema_decay = 0.0             # > 0 (e.g. 0.99): validation, the best checkpoint and
+                                       # prediction use a moving average of the weights
+                                       # (steps.ema_update); 0: the weights themselves
     return config
