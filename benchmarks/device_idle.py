@@ -101,8 +101,9 @@ def main(argv: list[str]) -> None:
                                          steps=steps_per_epoch, seed=0, epoch=index,
                                          augment_config=augment.default_augment_config())
             batches = _delayed(batches, _HOST_DELAY_MS.value / 1e3)
-            state, _ = train.train_epoch(state, step_fn, batches, 1e-4, fold_data, index, 2,
-                                         mesh, "", EpochProgress(), _NeverPreempted(),
+            state, _ = train.train_epoch(state, step_fn, batches, np.full(steps_per_epoch, 1e-4),
+                                         fold_data, index, 2, mesh, "", EpochProgress(),
+                                         _NeverPreempted(),
                                          prefetch=_PREFETCH.value,
                                          metrics_every=_METRICS_EVERY.value)
             jax.block_until_ready(state)

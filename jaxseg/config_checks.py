@@ -15,6 +15,7 @@ import ml_collections
 from jaxseg import cli, paths
 from jaxseg.models import BACKBONES, IMPL_FIELDS, INPUT_MULTIPLE
 from jaxseg.models.build import LAYER_VARIANTS
+from jaxseg.schedules import SCHEDULES
 
 LOSSES = ("dice", "bce_dice")
 
@@ -24,6 +25,12 @@ Config = Mapping[str, Any] | ml_collections.ConfigDict
 # made before these fields).
 RESUMABLE_CHANGES = ("epochs", "folds", *IMPL_FIELDS, "remat", "prefetch_batches",
                      "metrics_every_steps", "tensorboard_images")
+# Options added after runs were made, and the value that gives what those runs did: a
+# run whose config.json lacks one resumes with that value.
+ADDED_OPTIONS = {"precise_bn_batches": 0, "ema_decay": 0.0, "lr_schedule": "plateau",
+                 "warmup_epochs": 0.0, "val_images": "", "val_truth": "", "monitor": "auto",
+                 "augment": {"hed_prob": 0.0, "hed_scale": 0.05, "hed_shift": 0.05,
+                             "hue_prob": 0.0, "hue_max_delta": 0.05}}
 
 
 def check_model_config(config: Config) -> None:
@@ -67,6 +74,18 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     if not 0 < config.plateau_factor < 1:  # Keras' ReduceLROnPlateau refuses it too
         raise cli.InputError(f"config.plateau_factor must be in (0, 1), "
                              f"got {config.plateau_factor}")
+    if config.lr_schedule not in SCHEDULES:
+        raise cli.InputError(f"config.lr_schedule: unknown {config.lr_schedule!r}, expected "
+                             f"one of {', '.join(SCHEDULES)}")
+    if not 0 <= config.warmup_epochs < config.epochs:
+        raise cli.InputError(f"config.warmup_epochs must be in [0, epochs={config.epochs}), "
+                             f"got {config.warmup_epochs}")
+    if config.lr_schedule == "cosine" and not 0 <= config.min_learning_rate <= config.learning_rate:
+        raise cli.InputError(f"config.min_learning_rate must be in [0, learning_rate="
+                             f"{config.learning_rate}] for the cosine schedule, got "
+                             f"{config.min_learning_rate}")
+    if not 0 <= config.ema_decay < 1:
+        raise cli.InputError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
     # Here rather than at the top: prediction checks model configs without TensorFlow,
     # and whole-slide validation is built on prediction.
     from jaxseg import slide_validation
@@ -94,15 +113,21 @@ def chosen_folds(config: ml_collections.ConfigDict) -> list[int]:
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: paths.Path) -> None:
     """A workdir holding an earlier run's progress must have been made with the same
     settings; one that an attempt left before its first checkpoint (killed while
-    compiling, say) is taken over."""
+    compiling, say) is taken over. A cosine schedule's rates depend on the number of
+    epochs, so a run under it cannot be extended."""
     from jaxseg import run_files  # orbax, for the checkpoints: only where a run is resumed
 
     path = workdir / "config.json"
     if not (path.exists() and run_files.holds_progress(workdir)):
         return
     previous, current = paths.read_json(path), json.loads(config.to_json_best_effort())
+    resumable = [field for field in RESUMABLE_CHANGES
+                 if field != "epochs" or current.get("lr_schedule") != "cosine"]
     for key in sorted(set(previous) | set(current)):
-        if key not in RESUMABLE_CHANGES and previous.get(key) != current.get(key):
+        before = previous.get(key, ADDED_OPTIONS.get(key))
+        if isinstance(before, dict) and isinstance(ADDED_OPTIONS.get(key), dict):
+            before = {**ADDED_OPTIONS[key], **before}
+        if key not in resumable and before != current.get(key):
             raise cli.InputError(f"{workdir}: holds a run with config.{key}="
-                                 f"{previous.get(key)!r}, this one has {current.get(key)!r}; "
+                                 f"{before!r}, this one has {current.get(key)!r}; "
                                  "use another --workdir")

@@ -8,6 +8,10 @@ then score a network whose statistics describe weights long gone. With
 afresh over K training batches (no augmentation, weights unchanged, synchronised over all
 devices) and replace the moving averages, as pycls' precise BN and Wu & Johnson,
 "Rethinking 'Batch' in BatchNorm" (2021), do. Training then continues from them.
+
+With weight EMA the statistics are those of the averaged weights, which validation
+scores; training's forward passes use each batch's own statistics, so continuing from
+them changes no step, only what the next validation would read were it not recomputed.
 """
 from __future__ import annotations
 

@@ -35,22 +35,64 @@ class TrainState:
 
     @property
     def variables(self) -> dict:
+        """The model as validation, precise BatchNorm, the best checkpoint and prediction
+        use it (`EmaTrainState`'s is the average)."""
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """The train state of a run with weight EMA (`config.ema_decay` > 0): the moving
+    average of the parameters is what validation scores and the best checkpoint keeps,
+    with the BatchNorm statistics training keeps (EMA averages what the optimiser learns;
+    the statistics are already moving averages). A subclass rather than an optional
+    field, so that the checkpoints of runs without EMA keep the layout of those made
+    before it existed, and resume."""
+    ema_params: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.ema_params, "batch_stats": self.batch_stats}
+
+
 def make_optimizer() -> optax.GradientTransformation:
-    """Adam without the step size: the learning rate is a step argument so the host-side
-    plateau controller can change it without touching the compiled program.
+    """Adam without the step size: the learning rate is a step argument so the host (the
+    plateau controller, or the schedule of `schedules.py`) can change it at any step
+    without touching the compiled program.
 
     epsilon 1e-7 is tf.keras' Adam default (optax's is 1e-8).
     """
     return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7)
 
 
-def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(seed))
+def create_train_state(variables: dict, tx: optax.GradientTransformation, seed: int,
+                       ema: bool = False) -> TrainState:
+    """The state before the first step; with `ema` the average starts at the initial
+    parameters (as TensorFlow's shadow variables do)."""
+    fields = dict(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                  batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                  rng=jax.random.PRNGKey(seed))
+    if ema:
+        return EmaTrainState(**fields, ema_params=variables["params"])
+    return TrainState(**fields)
+
+
+def ema_update(average: Any, params: Any, decay: float, num_updates: jax.Array) -> Any:
+    """`average` moved towards `params` as `tf.train.ExponentialMovingAverage(decay,
+    num_updates)` moves its shadow variables, `num_updates` being the steps taken so far,
+    this one included.
+
+    TensorFlow's warm-up, decay min(decay, (1 + n) / (10 + n)), keeps the average from
+    clinging to the random initial weights for hundreds of steps, so that early
+    validations, on which the best checkpoint and early stopping already act, score
+    trained weights; unlike optax.ema's debiasing it keeps the average itself a usable
+    model at every step, with nothing to divide out before validation. The update is
+    written as TensorFlow's `average -= (average - params) * (1 - decay)`, which leaves
+    a parameter that does not move (a frozen encoder) exactly as it is.
+    """
+    count = num_updates.astype(jnp.float32)
+    rate = 1 - jnp.minimum(jnp.float32(decay), (1 + count) / (10 + count))
+    return jax.tree.map(lambda mean, value: mean - (mean - value) * rate, average, params)
 
 
 def _sum_over_devices(x: jax.Array) -> jax.Array:
@@ -72,9 +114,10 @@ def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, loss_name: str,
-               freeze_encoder: bool) -> tuple[TrainState, dict]:
-    """One Adam step on the global batch.
+               tx: optax.GradientTransformation, loss_name: str, freeze_encoder: bool,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
+    """One Adam step on the global batch; with `ema_decay` > 0 (on an `EmaTrainState`)
+    also the parameters' moving average, on the devices like the step itself.
 
     With `freeze_encoder` the encoder neither learns nor updates its BatchNorm statistics
     (segmentation_models' `encoder_freeze`): its gradients are zero from the first step,
@@ -105,6 +148,9 @@ def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, mode
     metrics = {"loss": loss, "dice_coe": metrics["dice_coe"], "accuracy": metrics["accuracy"]}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
+    if ema_decay:
+        new_state = new_state.replace(
+            ema_params=ema_update(state.ema_params, params, ema_decay, new_state.step))
     return new_state, metrics
 
 
@@ -143,10 +189,13 @@ def batch_norm_statistics_step(variables: dict, batch: dict, accumulated: dict,
 
 class CompiledSteps:
     """The data-parallel train and eval programs, compiled once and shared by all folds
-    (and by the benchmarks, which must time the program training runs)."""
+    (and by the benchmarks, which must time the program training runs); with
+    `ema_decay` > 0 their states keep a moving average of the parameters."""
 
-    def __init__(self, model: nn.Module, loss_name: str, mesh: jax.sharding.Mesh):
+    def __init__(self, model: nn.Module, loss_name: str, mesh: jax.sharding.Mesh,
+                 ema_decay: float = 0.0):
         self.tx = make_optimizer()
+        self._ema_decay = ema_decay
         self._train: dict[bool, Callable] = {}
         self._statistics: dict[bool, Callable] = {}
         self._model, self._loss_name, self._mesh = model, loss_name, mesh
@@ -155,7 +204,8 @@ class CompiledSteps:
             mesh, num_args=2, batch_args=(1,), shard_outputs=(False, True))
         # One program instead of an eagerly dispatched (and compiled) op per parameter
         # shape for Adam's zero moments, which is slow on CPU.
-        self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx))
+        self.create_state = jax.jit(functools.partial(create_train_state, tx=self.tx,
+                                                      ema=ema_decay > 0))
 
     def batch_norm_statistics(self, freeze_encoder: bool) -> Callable:
         """`batch_norm_statistics_step` for all devices (compiled on first use: only
@@ -171,7 +221,8 @@ class CompiledSteps:
     def train(self, freeze_encoder: bool) -> Callable:
         if freeze_encoder not in self._train:
             step = functools.partial(train_step, model=self._model, tx=self.tx,
-                                     loss_name=self._loss_name, freeze_encoder=freeze_encoder)
+                                     loss_name=self._loss_name, freeze_encoder=freeze_encoder,
+                                     ema_decay=self._ema_decay)
             self._train[freeze_encoder] = parallel.data_parallel(
                 step, self._mesh, num_args=3, batch_args=(1,), donate_args=(0,))
         return self._train[freeze_encoder]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
                     locking, models, parallel, paths, precise_bn, processes, reporting, run_files,
-                    slide_validation, steps)
+                    schedules, slide_validation, steps)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 from jaxseg.progress import EpochProgress, FoldProgress
 
@@ -51,19 +51,20 @@ class Preempted(Exception):
     """A preemption notice stopped the run after a step whose state is saved."""
 
 
-def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, lr: float,
-                fold_data: data.FoldData, epoch: int, epochs: int, mesh, last_good: str,
-                progress: EpochProgress, preemption: processes.PreemptionWatch, *,
-                prefetch: int, metrics_every: int,
+def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator,
+                learning_rates: np.ndarray, fold_data: data.FoldData, epoch: int, epochs: int,
+                mesh, last_good: str, progress: EpochProgress,
+                preemption: processes.PreemptionWatch, *, prefetch: int, metrics_every: int,
                 first_compile: reporting.FirstCompile | None = None
                 ) -> tuple[steps.TrainState, bool]:
     """Runs the epoch's remaining steps, adding them to `progress`; True when a
     preemption notice stopped it after a step (the same step on every process).
+    `learning_rates` holds the rate of each of the epoch's steps.
 
     The host reads the steps' metrics `metrics_every` steps at a time, and only once the
     next step is queued, so it never stalls the devices; a non-finite loss is therefore
     seen up to that many steps late, still before any checkpoint holds its state."""
-    learning_rate = np.float32(lr)
+    first_step = progress.steps_done
     pending: list[dict] = []
     preempted = False
     # The bar is cleared however the epoch ends, so an error line starts a line of its own.
@@ -86,6 +87,7 @@ def train_epoch(state: steps.TrainState, step_fn: Callable, batches: Iterator, l
             steps_metrics.clear()
 
         for step, batch in enumerate(parallel.prefetch_to_devices(batches, mesh, prefetch)):
+            learning_rate = np.float32(learning_rates[first_step + step])
             if first_compile is not None:
                 first_compile.compile(step_fn, state, batch, learning_rate)
             state, metrics = step_fn(state, batch, learning_rate)
@@ -221,7 +223,10 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
     host_batch = parallel.host_batch_size(config.per_device_batch_size)
     try:
         while progress.epochs_done < config.epochs and not progress.stopped:
-            epoch, lr = progress.epochs_done, progress.lr
+            epoch = progress.epochs_done
+            learning_rates = schedules.epoch_learning_rates(
+                config, epoch, fold_data.steps_per_epoch, progress.lr)
+            lr = float(learning_rates[0])  # the epoch's, in its history and report lines
             epoch_started = time.time()
             last_good = last_good_checkpoint(epoch, fold_dir)
             # A preemption after an epoch's last step leaves only its validation to do.
@@ -237,8 +242,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             freeze_encoder = epoch < config.encoder_freeze_epochs
             step_fn = compiled.train(freeze_encoder=freeze_encoder)
             steps_before, train_started = progress.epoch.steps_done, time.time()
-            state, preempted = train_epoch(state, step_fn, batches, lr, fold_data, epoch,
-                                           config.epochs, mesh, last_good, progress.epoch,
+            state, preempted = train_epoch(state, step_fn, batches, learning_rates, fold_data,
+                                           epoch, config.epochs, mesh, last_good, progress.epoch,
                                            run.preemption, prefetch=config.prefetch_batches,
                                            metrics_every=config.metrics_every_steps,
                                            first_compile=run.first_compile)
@@ -283,7 +288,11 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
             if is_main:
                 run_files.write_fold_history(fold_dir, progress.history, fold)
             run.clock.epoch_done(time.time() - epoch_started)
-            progress.lr = plateau.update(logs["val_loss"], lr)
+            if config.lr_schedule == "plateau":
+                progress.lr = plateau.update(logs["val_loss"], lr)
+            else:  # the rate the next epoch starts at, for the reports
+                progress.lr = schedules.cosine_rate(
+                    config, (epoch + 1) * fold_data.steps_per_epoch, fold_data.steps_per_epoch)
             improved, progress.stopped = early_stopping.update(epoch, logs[monitor])
             if improved:
                 ckpt.save_best(epoch, state.variables, {
@@ -355,12 +364,12 @@ def train_folds(config: ml_collections.ConfigDict, workdir: paths.Path, plans: l
     """Each planned fold's result; a fold whose `result.json` exists is not trained again."""
     mesh = parallel.make_mesh()
     model = models.build_model(config, bn_axis_name=parallel.AXIS)
-    compiled = steps.CompiledSteps(model, config.loss, mesh)
+    compiled = steps.CompiledSteps(model, config.loss, mesh, config.ema_decay)
     results = {}
     step_key = (f"train step {config.backbone} {config.image_size}px "
                 f"{config.per_device_batch_size}x{jax.device_count()} {jax.devices()[0].platform}"
-                f"{' bf16' if config.half_precision else ''} remat={config.remat} jax "
-                f"{jax.__version__}")
+                f"{' bf16' if config.half_precision else ''}{' ema' if config.ema_decay else ''}"
+                f" remat={config.remat} jax {jax.__version__}")
     with processes.PreemptionWatch(mesh) as preemption:
         run = RunContext(model, compiled, mesh, init_weights, preemption,
                          reporting.RunClock(config.epochs * len(plans)),

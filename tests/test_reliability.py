@@ -40,11 +40,13 @@ PYTHON_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.MULTIL
 # The trainer with a learning rate of 1e30 from the second epoch on: the real model's
 # loss turns NaN within a step or two.
 DIVERGING_TRAINER = """
+import numpy as np
 from jaxseg import cli, train
 original = train.train_epoch
-def diverging(state, step_fn, batches, lr, fold_data, epoch, *rest, **options):
-    return original(state, step_fn, batches, 1e30 if epoch >= 1 else lr, fold_data, epoch,
-                    *rest, **options)
+def diverging(state, step_fn, batches, learning_rates, fold_data, epoch, *rest, **options):
+    return original(state, step_fn, batches,
+                    np.full_like(learning_rates, 1e30) if epoch >= 1 else learning_rates,
+                    fold_data, epoch, *rest, **options)
 train.train_epoch = diverging
 train.define_flags()
 cli.run_main(train.main)

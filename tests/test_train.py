@@ -1,4 +1,5 @@
 """The train loop end to end on tiny records, and the data-parallel step's exactness."""
+import contextlib
 import functools
 import json
 import shutil
@@ -10,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxseg import cli, colour, data, models, parallel, records, steps, train
+from jaxseg import (checkpoints, cli, colour, data, models, parallel, processes, records, steps,
+                    train)
 from jaxseg.progress import HISTORY_KEYS
 from jaxseg.configs import cpu as cpu_config
 
@@ -182,15 +184,17 @@ def test_more_folds_than_files_is_a_clear_error(record_dir, tmp_path):
         train.train_and_evaluate(tiny_config(record_dir, num_folds=5), tmp_path / "run")
 
 
-def compiled_step(model, variables, batch, num_devices, tx, freeze_encoder=False):
+def compiled_step(model, variables, batch, num_devices, tx, freeze_encoder=False,
+                  ema_decay=0.0):
     """The data-parallel train step over the first `num_devices` devices, its initial
     state and the batch placed on them, as the train loop builds them."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), (parallel.AXIS,))
     step = parallel.data_parallel(
         functools.partial(steps.train_step, model=model, tx=tx, loss_name="dice",
-                          freeze_encoder=freeze_encoder), mesh, num_args=3, batch_args=(1,),
-        donate_args=(0,))
-    state = parallel.replicate(steps.create_train_state(variables, tx, 0), mesh)
+                          freeze_encoder=freeze_encoder, ema_decay=ema_decay),
+        mesh, num_args=3, batch_args=(1,), donate_args=(0,))
+    state = parallel.replicate(steps.create_train_state(variables, tx, 0, ema=ema_decay > 0),
+                               mesh)
     return step, state, parallel.to_global_batch(batch, mesh)
 
 
@@ -323,8 +327,9 @@ def _run_epoch(monkeypatch, losses, metrics_every, stop_after=None):
     fold_data = data.FoldData(0, [], [], len(losses), 1, 8, 8)
     progress = train.EpochProgress()
     result = train.train_epoch(
-        jnp.zeros(()), step_fn, batches, 1e-3, fold_data, 0, 1, mesh, "nothing saved",
-        progress, _StopAfter(stop_after), prefetch=2, metrics_every=metrics_every)
+        jnp.zeros(()), step_fn, batches, np.full(len(losses), 1e-3), fold_data, 0, 1, mesh,
+        "nothing saved", progress, _StopAfter(stop_after), prefetch=2,
+        metrics_every=metrics_every)
     return result, progress, reads
 
 
@@ -385,3 +390,106 @@ def test_validation_reads_its_metrics_back_in_groups(monkeypatch, metrics_every,
     assert metrics["num_val_examples"] == 19
     assert metrics["val_loss"] == pytest.approx((8 * 0.5 + 8 * 0.25 + 3 * 1.0) / 19)
     assert metrics["val_per_image_dice"] == pytest.approx((1.0 + 0.5 + 2.0) / 19)
+
+
+# --- Weight EMA and the cosine schedule --------------------------------------------------
+
+def test_ema_update_moves_like_tensorflows_exponential_moving_average():
+    """Through the warm-up (decay (1 + n) / (10 + n) below 0.7 up to step 20) and after."""
+    import tensorflow as tf
+    trajectory = np.random.default_rng(3).normal(size=(30, 5)).astype(np.float32)
+    variable = tf.Variable(trajectory[0])
+    num_updates = tf.Variable(0, dtype=tf.int64)
+    truth = tf.train.ExponentialMovingAverage(0.7, num_updates=num_updates)
+    truth.apply([variable])  # the shadow starts at the initial value
+    average = {"w": trajectory[0]}
+    for step, value in enumerate(trajectory[1:], start=1):
+        variable.assign(value)
+        num_updates.assign(step)
+        truth.apply([variable])
+        average = steps.ema_update(average, {"w": value}, 0.7, jnp.int32(step))
+        np.testing.assert_allclose(average["w"], truth.average(variable).numpy(), rtol=1e-6)
+
+
+def test_ema_is_the_average_of_the_trajectory_and_leaves_training_as_it_was():
+    """Five Adam steps with and without EMA: the same parameters, optimiser state and
+    metrics, a state without EMA of the fields checkpoints held before EMA existed, and
+    an average equal to numpy's over the parameters after each step."""
+    batch = toy_batch(4, 13)
+    model = _PixelModel()
+    variables = {"batch_stats": {}, **model.init(jax.random.PRNGKey(0),
+                                                 batch["image"][:1].astype(np.float32),
+                                                 train=False)}
+    runs = {}
+    for decay in (0.0, 0.3):
+        step, state, placed = compiled_step(model, variables, batch, 2, steps.make_optimizer(),
+                                            ema_decay=decay)
+        trajectory, outputs = [], []
+        for _ in range(5):
+            state, metrics = step(state, placed, np.float32(0.05))
+            trajectory.append(jax.device_get(state.params))
+            outputs.append(metrics)
+        runs[decay] = jax.device_get(state), trajectory, jax.device_get(outputs)
+    (off, _, off_metrics), (on, trajectory, on_metrics) = runs[0.0], runs[0.3]
+    assert type(off) is steps.TrainState and type(on) is steps.EmaTrainState
+    jax.tree.map(np.testing.assert_array_equal,
+                 (off.step, off.params, off.batch_stats, off.opt_state, off.rng, off_metrics),
+                 (on.step, on.params, on.batch_stats, on.opt_state, on.rng, on_metrics))
+    expected = jax.tree.map(np.float64, jax.device_get(variables["params"]))
+    for count, params in enumerate(trajectory, start=1):
+        keep = min(0.3, (1 + count) / (10 + count))  # the warm-up rules the first two
+        expected = jax.tree.map(lambda mean, value: keep * mean + (1 - keep) * value,
+                                expected, params)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                 on.ema_params, expected)
+    assert on.variables["params"] is on.ema_params and off.variables["params"] is off.params
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(on.ema_params),
+                                                    jax.tree.leaves(on.params)))
+
+
+# Weight EMA, the cosine schedule (a 2-step warm-up, then 6 steps of cosine) and precise
+# BatchNorm of the averaged weights, one fold of two 4-step epochs in deterministic order.
+EMA_COSINE_RUN = dict(folds="0", steps_per_epoch=4, deterministic=True, ema_decay=0.9,
+                      lr_schedule="cosine", warmup_epochs=0.5, precise_bn_batches=1)
+
+
+def test_ema_and_cosine_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(
+        record_dir, tmp_path, monkeypatch):
+    """The run stopped by a preemption notice after step 2 of epoch 2, then run again,
+    ends with the same state (average included) and history as the run left alone; the
+    history's rates are optax's schedule at each epoch's first step; `best/` holds the
+    averaged weights, with the statistics precise BatchNorm computed for them."""
+    config = tiny_config(record_dir, **EMA_COSINE_RUN)
+    states = {}  # (run, epochs done) -> the state each latest checkpoint saved
+    save_latest = checkpoints.FoldCheckpoints.save_latest
+
+    def recording_save_latest(self, epochs_done, state, host_state):
+        states[self.fold_dir.parent.name, epochs_done] = jax.device_get(state)
+        save_latest(self, epochs_done, state, host_state)
+
+    monkeypatch.setattr(checkpoints.FoldCheckpoints, "save_latest", recording_save_latest)
+    train.train_and_evaluate(config, tmp_path / "uninterrupted")
+    watch = processes.PreemptionWatch
+    monkeypatch.setattr(processes, "PreemptionWatch",
+                        lambda mesh: contextlib.nullcontext(_StopAfter(6)))
+    with pytest.raises(train.Preempted, match="at fold 0 epoch 2 step 2;"):
+        train.train_and_evaluate(config, tmp_path / "preempted")
+    monkeypatch.setattr(processes, "PreemptionWatch", watch)
+    train.train_and_evaluate(config, tmp_path / "preempted")
+
+    final, reference = states["preempted", 2], states["uninterrupted", 2]
+    assert type(final) is steps.EmaTrainState
+    jax.tree.map(np.testing.assert_array_equal, final, reference)
+    histories = [json.loads((tmp_path / run / "fold_0" / "history.json").read_text())
+                 for run in ("preempted", "uninterrupted")]
+    assert histories[0] == histories[1]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, 2, 8,
+                                                  config.min_learning_rate)
+    assert histories[0]["lr"] == pytest.approx([float(schedule(0)), float(schedule(4))],
+                                               rel=1e-6)
+    fold_dir = tmp_path / "preempted" / "fold_0"
+    best_epoch = json.loads((fold_dir / "result.json").read_text())["best_epoch"]
+    best = checkpoints.load_best_variables(fold_dir)
+    at_best = states["preempted", best_epoch]
+    jax.tree.map(np.testing.assert_array_equal, best,
+                 {"params": at_best.ema_params, "batch_stats": at_best.batch_stats})

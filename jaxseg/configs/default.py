@@ -57,8 +57,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.plateau_patience = 8
     config.plateau_min_delta = 1e-4
     config.min_learning_rate = 1e-5
+    config.lr_schedule = "plateau"     # the recipe's; or 'cosine': linear warm-up, then cosine
+                                       # to min_learning_rate at the end of `epochs`, without
+                                       # ReduceLROnPlateau (jaxseg/schedules.py)
+    config.warmup_epochs = 0.0         # 'cosine' warm-up from 0 to learning_rate (fractions too)
     config.early_stopping_patience = 15  # EarlyStopping on val_dice_coe
     config.precise_bn_batches = 0      # > 0: BatchNorm statistics recomputed over this many
                                        # training batches before each validation
                                        # (jaxseg/precise_bn.py); 0: the recipe's moving averages
+    config.ema_decay = 0.0             # > 0 (e.g. 0.99): validation, the best checkpoint and
+                                       # prediction use a moving average of the weights
+                                       # (steps.ema_update); 0: the weights themselves
     return config
