@@ -48,6 +48,9 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "keras": None,
     "jaxseg": {},
     "precise_bn": {"precise_bn_batches": 8},
+    "ema": {"ema_decay": 0.99},
+    "cosine": {"lr_schedule": "cosine", "warmup_epochs": 1},
+    "stain_aug": {"augment.hed_prob": 0.5, "augment.hue_prob": 0.5},
 }
 # Real tiles: those whose left edge is at or beyond this x (full-resolution slide pixels)
 # train; those whose right edge is at or before the line's left neighbour are held out.
@@ -67,6 +70,11 @@ _REDUCTION = flags.DEFINE_integer("reduction", 4, "downscale of the images befor
 _CONFIG = flags.DEFINE_string("config", "jaxseg/configs/cpu.py", "jaxseg config all "
                               "variants start from (the Keras side reads it too)")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config override for every variant")
+_STAIN_SPREAD = flags.DEFINE_float("stain_spread", 0.0, "synthetic: each slide's stain "
+                                   "drawn within this fraction per channel")
+_TEST_STAIN_SHIFT = flags.DEFINE_list("test_stain_shift", ["1", "1", "1"], "synthetic: the "
+                                      "held-out slides' stain times these factors (R,G,B "
+                                      "optical density): slides stained elsewhere")
 _KERAS_WORKER = flags.DEFINE_string("keras_worker", None, "internal: train the Keras recipe "
                                     "into this run folder (its run.json says how)")
 
@@ -145,7 +153,9 @@ def _synthetic_slides(data_dir: Path) -> dict:
 
     slides_dir = data_dir / "synthetic"
     if not (slides_dir / "test_truth.csv").exists():
-        synthetic.make_dataset(slides_dir, num_train=8, num_test=3, height=2400, width=2400)
+        synthetic.make_dataset(slides_dir, num_train=8, num_test=3, height=2400, width=2400,
+                               stain_spread=_STAIN_SPREAD.value,
+                               test_stain_shift=[float(f) for f in _TEST_STAIN_SHIFT.value])
     return {"images": str(slides_dir / "test" / "*.tiff"),
             "truth": str(slides_dir / "test_truth.csv")}
 
@@ -196,7 +206,8 @@ def _scores(history: dict, prediction: Path, held_out: dict) -> dict:
 
 
 def _config(overrides: dict):
-    from ml_collections import config_flags  # noqa: F401  (registers the loader's deps)
+    """The harness config with `overrides` (dotted keys reach into groups), as the
+    command-line flags would set them."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("harness_config", REPO / _CONFIG.value)
@@ -204,8 +215,12 @@ def _config(overrides: dict):
     spec.loader.exec_module(module)
     config = module.get_config()
     for key, value in overrides.items():
-        config[key] = type(config[key])(value) if not isinstance(config[key], bool) else (
-            str(value).lower() in ("1", "true"))
+        *groups, field = key.split(".")
+        group = config
+        for name in groups:
+            group = group[name]
+        kind = type(group[field])
+        group[field] = (str(value).lower() in ("1", "true")) if kind is bool else kind(value)
     return config
 
 
