@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import checkpoints, cli, config_checks, convert, models, paths, slides
+from jaxseg import checkpoints, cli, config_checks, convert, models, paths, slides, thresholds
 
 # The seed's TFRecords: the recipe's tiles.
 SEED_REDUCTION = slides.RECIPE_REDUCTION
@@ -33,6 +33,10 @@ class Ensemble:
     # Micrometres per pixel of the training tiles, when the run's prepare.json records
     # the slides' pixel size; None: unknown.
     mpp: float | None = None
+    # The probability threshold the folds chose on their validation tiles (their mean;
+    # jaxseg/thresholds.py), or why there is none.
+    threshold: float | None = None
+    no_threshold_because: str = "converted Keras weights chose no threshold"
 
 
 def read_run_config(run_dir: paths.Path) -> dict:
@@ -171,5 +175,14 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
     for variables in variables_list:
         check_variables(model, variables, tile, source)
     slide_mpp = run_slide_mpp(run_dir)
-    return Ensemble(model, variables_list, tile, reduction, source,
-                    None if slide_mpp is None else slide_mpp * reduction)
+    ensemble = Ensemble(model, variables_list, tile, reduction, source,
+                        None if slide_mpp is None else slide_mpp * reduction)
+    if not keras_weights:
+        try:
+            ensemble.threshold = thresholds.run_threshold(
+                [paths.read_json(path / checkpoints.FOLD_RESULT)
+                 if checkpoints.fold_finished(path) else {"fold": path.name}
+                 for path in fold_dirs], source)
+        except cli.InputError as error:
+            ensemble.no_threshold_because = str(error)
+    return ensemble

@@ -311,7 +311,9 @@ def define_flags() -> None:
                       "combine: keep each window's centre, or Gaussian weights.")
     flags.DEFINE_enum("tta", "flips", list(TTA_MODES), "Test-time augmentation: none, or "
                       "the mean over identity, left-right, up-down and both flips.")
-    flags.DEFINE_float("threshold", 0.5, "Probability above which a pixel is glomerulus.")
+    flags.DEFINE_string("threshold", "0.5", "Probability above which a pixel is glomerulus, "
+                        "or 'run': the mean of the thresholds the run's folds chose on their "
+                        "validation tiles (result.json).")
     flags.DEFINE_integer("batch_size", 4, "Windows per device per step (times 4 with "
                          "flip TTA).")
     flags.DEFINE_bool("continue_on_nan", False, "Go on when a window's predicted "
@@ -345,6 +347,22 @@ def target_scale(target_mpp: float | None, ensemble: Ensemble) -> tuple[float, s
             f"the training tiles', assuming {slides.RECIPE_SLIDE_MPP:g} \u00b5m/px slides")
 
 
+def chosen_threshold(flag: str, ensemble: Ensemble) -> float:
+    """--threshold: a probability in (0, 1), or 'run', the folds' own choice."""
+    if flag == "run":
+        if ensemble.threshold is None:
+            raise cli.InputError(f"--threshold=run: {ensemble.no_threshold_because}")
+        return ensemble.threshold
+    try:
+        threshold = float(flag)
+    except ValueError:
+        threshold = -1.0
+    if not 0 < threshold < 1:
+        raise cli.InputError(f"--threshold must be a probability in (0, 1) or 'run', "
+                             f"got {flag!r}")
+    return threshold
+
+
 def main() -> None:
     from absl import flags
 
@@ -368,13 +386,15 @@ def main() -> None:
         host_memory.fall_back_if_crowded()
     options = SlideOptions(tile=ensemble.tile, reduction=ensemble.reduction,
                            overlap=round(overlap * ensemble.tile), blend=config.blend,
-                           batch_size=global_batch, threshold=config.threshold,
+                           batch_size=global_batch,
+                           threshold=chosen_threshold(config.threshold, ensemble),
                            continue_on_nan=config.continue_on_nan, target_mpp=target_mpp)
     if processes.is_main():
         print(f"{len(images)} images; {len(ensemble.variables)} model(s) from "
               f"{ensemble.source}; {ensemble.tile} px windows at {target_mpp:g} \u00b5m/px "
               f"({mpp_source}; 1/{ensemble.reduction} scale for slides without a pixel size), "
               f"overlap {options.overlap} px, {config.blend} blend, TTA {config.tta}, "
+              f"threshold {options.threshold:g}, "
               f"{jax.device_count()} devices in {jax.process_count()} process(es)",
               file=sys.stderr, flush=True)
     predict_to_csv(images, predict_fn, options, config.out, slide_outputs)

@@ -220,14 +220,14 @@ def prediction_panels(batch: dict[str, jax.Array], probabilities: jax.Array,
                       count: int) -> np.ndarray:
     """Up to `count` real examples of a validation batch, from this process's rows, as
     image | truth | predicted probability strips: uint8 (n, H, 3W, 3) for TensorBoard."""
-    images, masks, weights, predicted = (_local_rows(array) for array in (
+    images, masks, weights, predicted = (local_rows(array) for array in (
         batch["image"], batch["mask"], batch["weight"], probabilities))
     shown = np.flatnonzero(weights > 0)[:count]
     greys = [np.repeat(grey[shown], 3, axis=-1) for grey in (masks * np.uint8(255), predicted)]
     return np.concatenate([images[shown], *greys], axis=2)
 
 
-def _local_rows(array: jax.Array) -> np.ndarray:
+def local_rows(array: jax.Array) -> np.ndarray:
     """This process's rows of an array split along its first axis, in order."""
     shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
     return np.concatenate([np.asarray(shard.data) for shard in shards])

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from jaxseg import (checkpoints, cli, compile_cache, config_checks, convert, data, host_memory,
                     locking, models, parallel, paths, precise_bn, processes, reporting, run_files,
-                    schedules, slide_validation, steps)
+                    schedules, slide_validation, steps, thresholds)
 from jaxseg.callbacks import EarlyStopping, ReduceLROnPlateau
 from jaxseg.progress import EpochProgress, FoldProgress
 
@@ -147,6 +147,17 @@ def validate(variables: dict, eval_fn: Callable, batches: Iterator, mesh, *, pre
     return result, first_batch
 
 
+def validation_batches(config: ml_collections.ConfigDict, fold_data: data.FoldData
+                       ) -> Iterator[dict]:
+    """This process's share of the fold's validation tiles, every process running the
+    same number of batches."""
+    return data.validation_batches(
+        fold_data.val_files, image_size=config.image_size,
+        batch_size=parallel.host_batch_size(config.per_device_batch_size),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_batches=fold_data.val_batches, global_order=config.deterministic)
+
+
 def fold_seed(config: ml_collections.ConfigDict, fold: int) -> int:
     """Each fold's model initialisation and data order, apart from the other folds'."""
     return config.seed + 1000 * fold
@@ -262,12 +273,8 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
                 state = precise_bn.recompute(state, compiled, config, fold_data.train_files,
                                              seed=fold_seed(config, fold), epoch=epoch,
                                              freeze_encoder=freeze_encoder, mesh=mesh)
-            val_batches = data.validation_batches(
-                fold_data.val_files, image_size=config.image_size, batch_size=host_batch,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-                num_batches=fold_data.val_batches, global_order=config.deterministic)
             val_metrics, val_batch = validate(
-                state.variables, compiled.eval, val_batches, mesh,
+                state.variables, compiled.eval, validation_batches(config, fold_data), mesh,
                 prefetch=config.prefetch_batches, metrics_every=config.metrics_every_steps,
                 num_batches=fold_data.val_batches)
             raise_if_not_finite(val_metrics, "val_loss",
@@ -331,7 +338,15 @@ def train_fold(config: ml_collections.ConfigDict, workdir: paths.Path, fold_data
         if tensorboard is not None:
             tensorboard.close()
 
-    result = fold_result(fold_data, progress, time.time() - attempt_started, monitor)
+    best_variables = parallel.replicate(checkpoints.load_best_variables(fold_dir), mesh)
+    threshold = thresholds.choose(
+        best_variables, compiled.eval, validation_batches(config, fold_data), mesh,
+        prefetch=config.prefetch_batches)
+    processes.report(f"fold {fold}: best epoch {progress.early_stopping.best_epoch + 1} "
+                     f"segments its validation tiles best at threshold "
+                     f"{threshold['threshold']:g}")
+    result = {**fold_result(fold_data, progress, time.time() - attempt_started, monitor),
+              **threshold}
     if is_main:
         run_files.write_fold_result(fold_dir, progress.history, result)
     return result

@@ -11,8 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxseg import (checkpoints, cli, colour, data, models, parallel, processes, records, steps,
-                    train)
+from jaxseg import (checkpoints, cli, colour, data, models, parallel, predict, processes, records,
+                    steps, thresholds, train)
+from jaxseg.ensembles import load_ensemble
 from jaxseg.progress import HISTORY_KEYS
 from jaxseg.configs import cpu as cpu_config
 
@@ -134,6 +135,27 @@ def test_each_step_program_compiles_once_for_all_folds(finished_run):
     assert len(compiles["jit(eval_step)"]) == 1, compiles
     assert len(compiles["jit(create_train_state)"]) == 1, compiles
     assert len(compiles["jit(batch_norm_statistics_step)"]) == 1, compiles
+
+
+def test_each_fold_chooses_its_threshold_on_its_validation_tiles(finished_run):
+    """The best model's Dice per tile at each threshold; at 0.5 it is the best epoch's
+    val_per_image_dice (the same model, the same tiles), and predict --threshold=run
+    takes the folds' mean."""
+    workdir, summary = finished_run
+    for fold in ("0", "1"):
+        result = summary["folds"][fold]
+        curve = result["val_per_image_dice_by_threshold"]
+        assert list(curve) == [str(t) for t in thresholds.THRESHOLDS]
+        assert result["threshold"] == thresholds.THRESHOLDS[int(np.argmax(list(curve.values())))]
+        assert curve["0.5"] == pytest.approx(result["val_per_image_dice"], abs=1e-5)
+    ensemble = load_ensemble(str(workdir))
+    expected = np.mean([summary["folds"][f]["threshold"] for f in ("0", "1")])
+    assert predict.chosen_threshold("run", ensemble) == pytest.approx(expected)
+    assert predict.chosen_threshold("0.3", ensemble) == 0.3
+    for bad in ("1.5", "0", "half"):
+        with pytest.raises(cli.InputError, match=f"--threshold must be a probability in "
+                           f"\\(0, 1\\) or 'run', got '{bad}'"):
+            predict.chosen_threshold(bad, ensemble)
 
 
 def test_finished_folds_are_not_retrained(finished_run, record_dir, capsys):
