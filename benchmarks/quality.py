@@ -15,7 +15,8 @@ flip TTA), scored per image by `jaxseg.evaluate` (the competition's mean Dice):
   with the colour jitter applied by `colour.jitter`) so that both see the same pixels;
   its best weights are converted (`jaxseg.convert`) and predicted by the same code;
 - every other variant is `python -m jaxseg.train` with the config below plus its
-  overrides (VARIANTS).
+  overrides (VARIANTS), or an earlier variant's run predicted with other predict flags
+  (PREDICTED_AGAIN: the threshold the folds chose, `--threshold=run`).
 
 Held-out images: for the real tiles, the tiles left of a vertical line on the slide,
 with the tiles that straddle it dropped (the tiles overlap by half; no held-out tissue is
@@ -52,6 +53,11 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "cosine": {"lr_schedule": "cosine", "warmup_epochs": 1},
     "stain_aug": {"augment.hed_prob": 0.5, "augment.hue_prob": 0.5},
 }
+# Variants that train nothing: another variant's run predicted with other predict flags.
+PREDICTED_AGAIN: dict[str, tuple[str, list[str]]] = {
+    "jaxseg_run_threshold": ("jaxseg", ["--threshold", "run"]),
+    "precise_bn_run_threshold": ("precise_bn", ["--threshold", "run"]),
+}
 # Real tiles: those whose left edge is at or beyond this x (full-resolution slide pixels)
 # train; those whose right edge is at or before the line's left neighbour are held out.
 _REAL_TRAIN_FROM_X = 13_600.0
@@ -84,9 +90,10 @@ def main(argv: list[str]) -> None:
     if _KERAS_WORKER.value:
         train_keras(Path(_KERAS_WORKER.value))
         return
-    unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+    known = [*VARIANTS, *PREDICTED_AGAIN]
+    unknown = sorted(set(_VARIANTS.value) - set(known))
     if unknown:
-        raise app.UsageError(f"--variants: unknown {unknown}; known {list(VARIANTS)}")
+        raise app.UsageError(f"--variants: unknown {unknown}; known {known}")
     out = Path(_OUT.value or REPO / "benchmarks" / "results" / "quality" / _DATA.value)
     held_out = prepare_data(out / "data")
     for seed in _SEEDS.value:
@@ -96,7 +103,14 @@ def main(argv: list[str]) -> None:
                 continue
             started = time.time()
             print(f"== {variant} seed {seed}", flush=True)
-            result = run_variant(variant, int(seed), run_dir, out / "data" / "records", held_out)
+            if variant in PREDICTED_AGAIN:
+                base, predict_flags = PREDICTED_AGAIN[variant]
+                result = predict_again(variant, int(seed), run_dir,
+                                       out / "runs" / f"{base}_seed{seed}", predict_flags,
+                                       held_out)
+            else:
+                result = run_variant(variant, int(seed), run_dir, out / "data" / "records",
+                                     held_out)
             result["seconds"] = round(time.time() - started)
             (run_dir / "result.json").write_text(json.dumps(result, indent=1))
             print(f"== {variant} seed {seed}: held-out Dice {result['heldout_dice']:.4f}, "
@@ -181,11 +195,28 @@ def run_variant(variant: str, seed: int, run_dir: Path, records: Path, held_out:
               f"--workdir={run_dir}", *[f"--config.{k}={v}" for k, v in overrides.items()]])
         history = json.loads((run_dir / "fold_0" / "history.json").read_text())
         weights = ["--workdir", str(run_dir)]
+    prediction = _predict(weights, run_dir, held_out)
+    return {"variant": variant, "seed": seed, **_scores(history, prediction, held_out)}
+
+
+def predict_again(variant: str, seed: int, run_dir: Path, base_dir: Path,
+                  predict_flags: list[str], held_out: dict) -> dict:
+    """The trained run in `base_dir` predicted with `predict_flags` (run it first)."""
+    if not (base_dir / "result.json").exists():
+        raise app.UsageError(f"{variant}: run {base_dir.name} first (list it earlier in "
+                             "--variants)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prediction = _predict(["--workdir", str(base_dir), *predict_flags], run_dir, held_out)
+    history = json.loads((base_dir / "fold_0" / "history.json").read_text())
+    return {"variant": variant, "seed": seed, **_scores(history, prediction, held_out)}
+
+
+def _predict(weights: list[str], run_dir: Path, held_out: dict) -> Path:
     prediction = run_dir / "heldout.csv"
     _run([sys.executable, "-m", "jaxseg.predict", *weights, "--images", held_out["images"],
           "--out", str(prediction), "--tile_size", str(_TILE_SIZE.value),
           "--reduction", str(_REDUCTION.value)])
-    return {"variant": variant, "seed": seed, **_scores(history, prediction, held_out)}
+    return prediction
 
 
 def _scores(history: dict, prediction: Path, held_out: dict) -> dict:
