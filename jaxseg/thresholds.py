@@ -24,8 +24,9 @@ def dice_sums(probabilities: np.ndarray, masks: np.ndarray, weights: np.ndarray)
     counts it at 0.5. `probabilities`: uint8, probability * 255, as the eval step
     returns them; a pixel is positive when its probability exceeds the threshold."""
     real = weights > 0
-    probabilities = probabilities[real].reshape(int(real.sum()), -1)
-    truth = masks[real].reshape(len(probabilities), -1) > 0
+    pixels = int(np.prod(probabilities.shape[1:]))   # a batch may be all padding
+    probabilities = probabilities[real].reshape(-1, pixels)
+    truth = masks[real].reshape(-1, pixels) > 0
     true_pixels = truth.sum(axis=1)
     sums = np.zeros(len(THRESHOLDS))
     for index, threshold in enumerate(THRESHOLDS):

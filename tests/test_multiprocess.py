@@ -272,6 +272,13 @@ def assert_same_training(workdir: Path, reference: Path, exact: bool) -> None:
                 if isinstance(value, list):
                     assert all(_close(a, b, key) for a, b in zip(value, theirs[fold][key],
                                                                   strict=True)), (fold, key)
+                elif isinstance(value, dict):   # the Dice curve over thresholds
+                    assert value.keys() == theirs[fold][key].keys()
+                    assert all(_close(value[t], theirs[fold][key][t], key) for t in value)
+                elif key == "threshold":
+                    # Thresholds 0.05 apart whose Dice ties within the noise may swap.
+                    curve = values["val_per_image_dice_by_threshold"]
+                    assert _close(curve[str(theirs[fold][key])], curve[str(value)], key)
                 elif isinstance(value, float):
                     assert _close(value, theirs[fold][key], key), (fold, key)
                 else:

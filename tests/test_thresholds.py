@@ -30,6 +30,12 @@ def test_dice_sums_are_the_eval_metrics_per_image_dice_at_every_threshold(seed):
         assert sums[index] == pytest.approx(float(expected), abs=1e-5), threshold
 
 
+def test_a_batch_of_padding_counts_nothing():
+    """The all-padding batches a process runs to keep in step with the others."""
+    probabilities, masks, weights = _batch(0)
+    assert not thresholds.dice_sums(probabilities, masks, np.zeros_like(weights)).any()
+
+
 def test_the_best_threshold_and_its_curve_come_back(monkeypatch):
     """A model that is right only above 0.6: the curve peaks there."""
     size = 8
