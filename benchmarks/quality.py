@@ -45,17 +45,19 @@ from absl import app, flags
 
 REPO = Path(__file__).resolve().parent.parent
 # jaxseg config overrides of each variant; `keras` is the recipe itself.
+STAIN_AUGMENTATION = {"augment.hed_prob": 0.5, "augment.hue_prob": 0.5}
 VARIANTS: dict[str, dict[str, object] | None] = {
     "keras": None,
-    "jaxseg": {},
-    "precise_bn": {"precise_bn_batches": 8},
-    "ema": {"ema_decay": 0.99},
-    "cosine": {"lr_schedule": "cosine", "warmup_epochs": 1},
-    "stain_aug": {"augment.hed_prob": 0.5, "augment.hue_prob": 0.5},
+    "recipe_bn": {"precise_bn_batches": 0},          # the recipe's moving BatchNorm statistics
+    "precise_bn": {"precise_bn_batches": 8},         # jaxseg's default
+    "ema": {"precise_bn_batches": 8, "ema_decay": 0.99},
+    "cosine": {"precise_bn_batches": 8, "lr_schedule": "cosine", "warmup_epochs": 1},
+    "stain_aug": {"precise_bn_batches": 8, **STAIN_AUGMENTATION},
+    "recipe_bn_stain_aug": {"precise_bn_batches": 0, **STAIN_AUGMENTATION},
 }
 # Variants that train nothing: another variant's run predicted with other predict flags.
 PREDICTED_AGAIN: dict[str, tuple[str, list[str]]] = {
-    "jaxseg_run_threshold": ("jaxseg", ["--threshold", "run"]),
+    "recipe_bn_run_threshold": ("recipe_bn", ["--threshold", "run"]),
     "precise_bn_run_threshold": ("precise_bn", ["--threshold", "run"]),
 }
 # Real tiles: those whose left edge is at or beyond this x (full-resolution slide pixels)

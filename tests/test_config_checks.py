@@ -62,7 +62,9 @@ def _workdir_of(tmp_path, saved: dict):
 
 
 def test_a_run_made_before_the_added_options_resumes_with_them_off(tmp_path):
-    config = _config()
+    """With them off: an option on by default now (precise BatchNorm) would change the
+    run, so resuming needs it turned off, as the refusal says."""
+    config = _config(precise_bn_batches=0)
     saved = json.loads(config.to_json_best_effort())
     for field, value in config_checks.ADDED_OPTIONS.items():
         if isinstance(value, dict):   # options added inside a group, as augment's
@@ -72,6 +74,11 @@ def test_a_run_made_before_the_added_options_resumes_with_them_off(tmp_path):
             del saved[field]
     workdir = _workdir_of(tmp_path, saved)
     config_checks.check_workdir_config(config, workdir)
+    config.precise_bn_batches = default.get_config().precise_bn_batches
+    with pytest.raises(cli.InputError, match="holds a run with config.precise_bn_batches=0, "
+                       "this one has 8;"):
+        config_checks.check_workdir_config(config, workdir)
+    config.precise_bn_batches = 0
     config.lr_schedule = "cosine"
     with pytest.raises(cli.InputError, match="holds a run with config.lr_schedule='plateau', "
                        "this one has 'cosine';"):

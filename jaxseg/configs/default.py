@@ -62,9 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
                                        # ReduceLROnPlateau (jaxseg/schedules.py)
     config.warmup_epochs = 0.0         # 'cosine' warm-up from 0 to learning_rate (fractions too)
     config.early_stopping_patience = 15  # EarlyStopping on val_dice_coe
-    config.precise_bn_batches = 0      # > 0: BatchNorm statistics recomputed over this many
+    config.precise_bn_batches = 8      # BatchNorm statistics recomputed over this many
                                        # training batches before each validation
-                                       # (jaxseg/precise_bn.py); 0: the recipe's moving averages
+                                       # (jaxseg/precise_bn.py, QUALITY.md); 0: the recipe's
+                                       # moving averages
     config.ema_decay = 0.0             # > 0 (e.g. 0.99): validation, the best checkpoint and
                                        # prediction use a moving average of the weights
                                        # (steps.ema_update); 0: the weights themselves
