@@ -83,6 +83,8 @@ _STAIN_SPREAD = flags.DEFINE_float("stain_spread", 0.0, "synthetic: each slide's
 _TEST_STAIN_SHIFT = flags.DEFINE_list("test_stain_shift", ["1", "1", "1"], "synthetic: the "
                                       "held-out slides' stain times these factors (R,G,B "
                                       "optical density): slides stained elsewhere")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "train nothing: rewrite the report "
+                                  "from the runs' result.json")
 _KERAS_WORKER = flags.DEFINE_string("keras_worker", None, "internal: train the Keras recipe "
                                     "into this run folder (its run.json says how)")
 
@@ -97,6 +99,9 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--variants: unknown {unknown}; known {known}")
     out = Path(_OUT.value or REPO / "benchmarks" / "results" / "quality" / _DATA.value)
+    if _REPORT_ONLY.value:
+        write_report(out)
+        return
     held_out = prepare_data(out / "data")
     for seed in _SEEDS.value:
         for variant in _VARIANTS.value:
@@ -324,7 +329,10 @@ def write_report(out: Path) -> None:
     for path in sorted((out / "runs").glob("*/result.json")):
         result = json.loads(path.read_text())
         results.setdefault(result["variant"], []).append(result)
+    order = [*VARIANTS, *PREDICTED_AGAIN]
+    results = {variant: results[variant] for variant in order if variant in results}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    trained = [variant for variant in results if variant in VARIANTS]   # own histories
     lines = [f"# Quality harness: {_DATA.value} data", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
              f"`python benchmarks/quality.py {' '.join(sys.argv[1:])}`.", "",
@@ -342,16 +350,17 @@ def write_report(out: Path) -> None:
             f"{', '.join(f'{d:.3f}' for d in heldout)} | "
             f"{statistics.mean(r['best_val_dice_coe'] for r in runs):.4f} | "
             f"{', '.join(str(r['best_epoch']) for r in runs)} | {swing} |")
-    lines += ["", "Mean val_dice_coe per epoch over seeds:", "",
-              "| epoch | " + " | ".join(results) + " |",
-              "|---|" + "---|" * len(results)]
+    lines += ["", "val_dice_coe per epoch, mean \u00b1 sd over the seeds that ran it:", "",
+              "| epoch | " + " | ".join(trained) + " |",
+              "|---|" + "---|" * len(trained)]
     longest = max(len(r["history"]["val_dice_coe"]) for runs in results.values() for r in runs)
     for epoch in range(longest):
         cells = []
-        for runs in results.values():
+        for runs in (results[variant] for variant in trained):
             values = [r["history"]["val_dice_coe"][epoch] for r in runs
                       if len(r["history"]["val_dice_coe"]) > epoch]
-            cells.append(f"{statistics.mean(values):.3f}" if values else "")
+            spread = f" \u00b1 {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.mean(values):.3f}{spread}" if values else "")
         lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

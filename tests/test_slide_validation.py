@@ -102,7 +102,7 @@ def test_a_validation_slide_without_image_or_truth_is_named_before_training(slid
     config.val_images, config.val_truth = str(folder / "images" / "*.png"), str(
         tmp_path / "truth.csv")
     (tmp_path / "truth.csv").write_text("id,encoding\nnobody,1 2\n")
-    with pytest.raises(cli.MissingInput, match=f"no truth for validation slide "):
+    with pytest.raises(cli.MissingInput, match="no truth for validation slide "):
         train.train_and_evaluate(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
