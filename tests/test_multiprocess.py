@@ -244,10 +244,14 @@ def _close(value: float, reference: float, key: str) -> bool:
     """Within what different all-reduce orders leave after a few Adam steps: gloo sums
     the devices of two processes in another order than one process sums its eight, and
     Adam turns that float32 noise in small gradients into updates of either sign
-    (measured: losses 2.5e-5 apart relatively, thresholded pixel metrics 1.5e-3)."""
+    (measured: training losses 2.5e-5 apart relatively, thresholded pixel metrics 1.5e-3).
+    Validation reads BatchNorm statistics recomputed from 8 batches of 8 tiles (precise
+    BatchNorm, the default), which carry that noise further: validation losses 2.6e-3
+    apart relatively and thresholded validation metrics 0.018 at worst (measured)."""
+    validation = key.startswith(("val_", "best_val"))
     if key.endswith("loss"):
-        return value == pytest.approx(reference, rel=1e-4)
-    return value == pytest.approx(reference, abs=5e-3)
+        return value == pytest.approx(reference, rel=1e-2 if validation else 1e-4)
+    return value == pytest.approx(reference, abs=3e-2 if validation else 5e-3)
 
 
 def _relative_distance(tree: dict, reference: dict) -> float:
@@ -258,8 +262,8 @@ def _relative_distance(tree: dict, reference: dict) -> float:
 
 def assert_same_training(workdir: Path, reference: Path, exact: bool) -> None:
     """The same history, fold results and best model: bit for bit when both ran the same
-    programs, else within the noise of the collectives (`_close`; best models 0.3%
-    apart in L2, measured)."""
+    programs, else within the noise of the collectives (`_close`; best models' weights
+    0.6% apart in L2 and their recomputed BatchNorm statistics 1.3%, measured)."""
     for ours, theirs in ((_histories(workdir), _histories(reference)),
                          (_summary(workdir), _summary(reference))):
         if exact:
@@ -272,21 +276,22 @@ def assert_same_training(workdir: Path, reference: Path, exact: bool) -> None:
                 if isinstance(value, list):
                     assert all(_close(a, b, key) for a, b in zip(value, theirs[fold][key],
                                                                   strict=True)), (fold, key)
-                elif isinstance(value, dict):   # the Dice curve over thresholds
+                elif isinstance(value, dict):   # the validation Dice curve over thresholds
                     assert value.keys() == theirs[fold][key].keys()
                     assert all(_close(value[t], theirs[fold][key][t], key) for t in value)
                 elif key == "threshold":
                     # Thresholds 0.05 apart whose Dice ties within the noise may swap.
-                    curve = values["val_per_image_dice_by_threshold"]
-                    assert _close(curve[str(theirs[fold][key])], curve[str(value)], key)
+                    curve_key = "val_per_image_dice_by_threshold"
+                    curve = values[curve_key]
+                    assert _close(curve[str(theirs[fold][key])], curve[str(value)], curve_key)
                 elif isinstance(value, float):
                     assert _close(value, theirs[fold][key], key), (fold, key)
                 else:
                     assert value == theirs[fold][key], (fold, key)
     best, reference_best = (checkpoints.load_best_variables(directory / "fold_0")
                             for directory in (workdir, reference))
-    for part in ("params", "batch_stats"):
-        assert _relative_distance(best[part], reference_best[part]) <= (0 if exact else 1e-2)
+    for part, noise in (("params", 1e-2), ("batch_stats", 3e-2)):
+        assert _relative_distance(best[part], reference_best[part]) <= (0 if exact else noise)
 
 
 def test_two_processes_train_like_one(runs):
