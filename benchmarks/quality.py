@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "precise_bn": {"precise_bn_batches": 8},         # jaxseg's default
     "ema": {"precise_bn_batches": 8, "ema_decay": 0.99},
     "cosine": {"precise_bn_batches": 8, "lr_schedule": "cosine", "warmup_epochs": 1},
+    "bce_dice": {"precise_bn_batches": 8, "loss": "bce_dice"},
     "stain_aug": {"precise_bn_batches": 8, **STAIN_AUGMENTATION},
     "recipe_bn_stain_aug": {"precise_bn_batches": 0, **STAIN_AUGMENTATION},
 }
