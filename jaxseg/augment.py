@@ -6,12 +6,14 @@ mode), passed the brightness factor as a delta (a no-op on 0..255 images) and ne
 Here every draw is a stateless random op seeded per example, so an epoch's augmentations
 are a pure function of (dataset seed, example index) and a resumed run sees the same ones.
 
-The host does the geometry, on uint8 pixels, and draws the colour factors; the train
-step applies them on the device (`colour.py`), so images travel as uint8.
+The host does the exact geometry (flips, quarter turns) on uint8 pixels and draws the
+colour factors and the parameters of a shift-scale-rotate; the train step applies those
+on the device (`colour.py`, `warp.py`), so images travel as uint8.
 
 Beyond the recipe, a stain jitter (HED) and a hue shift make a model trained on a few
 slides less sensitive to another lab's stain; both are off unless their probability is
-set, and their draws leave the recipe's draws for a seed as they were.
+set, and their draws leave the recipe's draws for a seed as they were. So is a
+shift-scale-rotate (albumentations' ShiftScaleRotate, as in top HuBMAP solutions).
 """
 from __future__ import annotations
 
@@ -21,22 +23,26 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from jaxseg import cli, colour
+from jaxseg import cli, colour, warp
 from jaxseg.tensorflow_quiet import tf
 
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor],
-                     tuple[tf.Tensor, tf.Tensor, tf.Tensor]]
+                     tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]]
 
 # Named rather than auto-selected, so that draws do not change when the ops run under XLA.
 _RNG = "philox"
 # float32 represents every multiple of 2**-24 in [0, 1) exactly.
 _UNIFORM_STEPS = 2**24
 _PROBABILITY_FIELDS = ("flip_left_right_prob", "flip_up_down_prob", "saturation_prob",
-                       "contrast_prob", "brightness_prob", "hed_prob", "hue_prob")
+                       "contrast_prob", "brightness_prob", "hed_prob", "hue_prob",
+                       "shift_scale_rotate_prob")
 _RANGE_FIELDS = ("saturation_range", "contrast_range", "brightness_range")
 # Beyond these a scale could turn a concentration negative, or the hue range cover the
 # colour circle more than once.
-_STRENGTH_LIMITS = {"hed_scale": 1.0, "hed_shift": math.inf, "hue_max_delta": 0.5}
+# A scale limit of 1 could shrink an image to nothing; a shift beyond 1 moves it out of
+# the frame; 180 degrees either way covers every angle.
+_STRENGTH_LIMITS = {"hed_scale": 1.0, "hed_shift": math.inf, "hue_max_delta": 0.5,
+                    "shift_limit": 1.0, "scale_limit": 0.99, "rotate_limit": 180.0}
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -62,6 +68,14 @@ def default_augment_config() -> ml_collections.ConfigDict:
         # uniform in (-hue_max_delta, hue_max_delta).
         "hue_prob": 0.0,
         "hue_max_delta": 0.05,
+        # Not the recipe's: albumentations' ShiftScaleRotate, with its default limits: an
+        # angle uniform in (-rotate_limit, rotate_limit) degrees, a scale in
+        # (1 - scale_limit, 1 + scale_limit), shifts in (-shift_limit, shift_limit) of
+        # the width and height.
+        "shift_scale_rotate_prob": 0.0,
+        "shift_limit": 0.0625,
+        "scale_limit": 0.1,
+        "rotate_limit": 45.0,
         # TensorFlow's XLA aborts the process on an XLA_FLAGS entry it does not know (one
         # newer than its XLA version, meant for JAX): turn this off if that happens.
         "xla_compile": True,
@@ -84,17 +98,19 @@ def check_augment_config(config: ml_collections.ConfigDict) -> None:
 
 
 def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict,
-            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Flips and rotates one uint8 (D, D, 3) image and its (D, D, 1) mask together, and
-    draws its colour factors.
+    draws what the device applies to them.
 
     `seed` is a shape-[2] int32 tensor (the stateless-op convention; XLA takes only
-    int32). Returns the image and mask in their dtypes and the float32 factors of
-    `colour.jitter` (its columns), `colour.IDENTITY` for an op not drawn.
+    int32). Returns the image and mask in their dtypes, the float32 factors of
+    `colour.jitter` and the float32 parameters of `warp.shift_scale_rotate` (their
+    columns), the op's IDENTITY for an op not drawn.
     """
     check_augment_config(config)
     if not config.enabled:
-        return image, mask, tf.constant(colour.IDENTITY, tf.float32)
+        return (image, mask, tf.constant(colour.IDENTITY, tf.float32),
+                tf.constant(warp.IDENTITY, tf.float32))
     flip_lr_seed, flip_ud_seed, rot_seed, sat_seed, con_seed, bri_seed = tf.unstack(
         tf.random.experimental.stateless_split(seed, num=6, alg=_RNG))
 
@@ -112,10 +128,11 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
                                       tf.image.rot90(mask, quarter_turns)),
                              (image, mask))
     factors = tf.stack([
-        _colour_factor(sat_seed, config.saturation_prob, config.saturation_range),
-        _colour_factor(con_seed, config.contrast_prob, config.contrast_range),
-        _colour_factor(bri_seed, config.brightness_prob, config.brightness_range)])
-    return image, mask, tf.concat([factors, _stain_factors(seed, config)], axis=0)
+        _draw(sat_seed, config.saturation_prob, config.saturation_range),
+        _draw(con_seed, config.contrast_prob, config.contrast_range),
+        _draw(bri_seed, config.brightness_prob, config.brightness_range)])
+    return (image, mask, tf.concat([factors, _stain_factors(seed, config)], axis=0),
+            _warp_params(seed, config))
 
 
 def augment_fn(config: ml_collections.ConfigDict) -> AugmentFn:
@@ -135,12 +152,23 @@ def _stain_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Ten
     hue_seed, hed_seed = tf.unstack(tf.random.experimental.stateless_split(
         tf.random.experimental.stateless_fold_in(seed, 1, alg=_RNG), num=2, alg=_RNG))
     delta, scale, shift = config.hue_max_delta, config.hed_scale, config.hed_shift
-    hue = _colour_factor(hue_seed, config.hue_prob, (-delta, delta),
+    hue = _draw(hue_seed, config.hue_prob, (-delta, delta),
                          identity=colour.IDENTITY[colour.HUE])
-    hed = _colour_factor(hed_seed, config.hed_prob,
+    hed = _draw(hed_seed, config.hed_prob,
                          ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
                          identity=colour.IDENTITY[colour.HED])
     return tf.concat([hue[None], hed], axis=0)
+
+
+def _warp_params(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """Angle, scale and shifts (`warp` columns), from a seed folded off the example's
+    so that the other ops draw what they drew before this one existed."""
+    rotate, scale, shift = config.rotate_limit, config.scale_limit, config.shift_limit
+    return _draw(tf.random.experimental.stateless_fold_in(seed, 2, alg=_RNG),
+                          config.shift_scale_rotate_prob,
+                          ([-rotate, 1 - scale, -shift, -shift],
+                           [rotate, 1 + scale, shift, shift]),
+                          identity=warp.IDENTITY)
 
 
 def _uniform(seed: tf.Tensor, low: Any = 0.0, high: Any = 1.0) -> tf.Tensor:
@@ -167,7 +195,7 @@ def _maybe(condition: tf.Tensor, transform: Callable[[], Any], identity: Any) ->
     return tf.cond(condition, transform, lambda: identity)
 
 
-def _colour_factor(seed: tf.Tensor, probability: float, factor_range: tuple[Any, Any],
+def _draw(seed: tf.Tensor, probability: float, factor_range: tuple[Any, Any],
                    identity: Any = 1.0) -> tf.Tensor:
     """Factors uniform in the range (scalar bounds, or one pair per factor) with the
     op's probability, else the op's identity (no op)."""

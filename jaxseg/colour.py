@@ -11,6 +11,9 @@ or scanned elsewhere: a jitter of the haematoxylin, eosin and DAB concentrations
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,9 +52,18 @@ def jitter(images: jax.Array, factors: jax.Array) -> jax.Array:
         params = factors[..., columns]
         drawn = jnp.any(params != jnp.asarray(IDENTITY[columns], jnp.float32), axis=-1,
                         keepdims=True)
-        adjusted = jnp.clip(adjust(images, params), 0.0, PIXEL_MAX)
-        images = jnp.where(drawn, adjusted, images)
+        images = jax.lax.cond(jnp.any(drawn),
+                              functools.partial(_adjust_drawn, params=params, drawn=drawn,
+                                                adjust=adjust),
+                              lambda images: images, images)
     return images
+
+
+def _adjust_drawn(images: jax.Array, *, params: jax.Array, drawn: jax.Array,
+                  adjust: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """The op on the examples that drew it; behind a `cond`, so that an op no example of
+    the batch drew (every op whose probability is 0) costs no pass over the pixels."""
+    return jnp.where(drawn, jnp.clip(adjust(images, params), 0.0, PIXEL_MAX), images)
 
 
 def adjust_saturation(images: jax.Array, factor: jax.Array) -> jax.Array:

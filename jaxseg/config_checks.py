@@ -30,7 +30,9 @@ RESUMABLE_CHANGES = ("epochs", "folds", *IMPL_FIELDS, "remat", "prefetch_batches
 ADDED_OPTIONS = {"precise_bn_batches": 0, "ema_decay": 0.0, "lr_schedule": "plateau",
                  "warmup_epochs": 0.0, "val_images": "", "val_truth": "", "monitor": "auto",
                  "augment": {"hed_prob": 0.0, "hed_scale": 0.05, "hed_shift": 0.05,
-                             "hue_prob": 0.0, "hue_max_delta": 0.05}}
+                             "hue_prob": 0.0, "hue_max_delta": 0.05,
+                             "shift_scale_rotate_prob": 0.0, "shift_limit": 0.0625,
+                             "scale_limit": 0.1, "rotate_limit": 45.0}}
 
 
 def check_model_config(config: Config) -> None:

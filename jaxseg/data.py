@@ -238,9 +238,9 @@ def train_batches(files: Sequence[str], *, image_size: int, batch_size: int, ste
     def prepare(index: tf.Tensor, record: tf.Tensor, path: tf.Tensor) -> dict[str, tf.Tensor]:
         image, mask = _parse(record, path, image_size)
         example_seed = tf.stack([tf.constant(epoch_seed, tf.int32), tf.cast(index, tf.int32)])
-        image, mask, colour_factors = augment(image, mask, example_seed)
+        image, mask, colour_factors, warp_params = augment(image, mask, example_seed)
         return {"image": image, "mask": tf.cast(mask, tf.uint8),
-                "colour_factors": colour_factors}
+                "colour_factors": colour_factors, "warp": warp_params}
 
     dataset = (_records_with_paths([shard[i] for i in file_order], deterministic,
                                    min(len(shard), _MAX_FILES_READ_AT_ONCE))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxseg import colour, losses, parallel
+from jaxseg import colour, losses, parallel, warp
 from jaxseg.parallel import AXIS
 
 ENCODER = "encoder"
@@ -106,11 +106,14 @@ def _zero_encoder(tree: dict) -> dict:
 
 def model_inputs(batch: dict) -> tuple[jax.Array, jax.Array]:
     """float32 images on 0..255 and 0/1 masks from a batch as it crossed to the device:
-    uint8 pixels and masks, and for training each example's colour factors."""
-    images = batch["image"].astype(jnp.float32)
+    uint8 pixels and masks, and for training each example's shift-scale-rotate and
+    colour factors."""
+    images, masks = batch["image"].astype(jnp.float32), batch["mask"].astype(jnp.float32)
+    if "warp" in batch:
+        images, masks = warp.shift_scale_rotate(images, masks, batch["warp"])
     if "colour_factors" in batch:
         images = colour.jitter(images, batch["colour_factors"])
-    return images, batch["mask"].astype(jnp.float32)
+    return images, masks
 
 
 def train_step(state: TrainState, batch: dict, learning_rate: jax.Array, *, model: nn.Module,

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from skimage import color as skimage_color
 
-from jaxseg import colour
+from jaxseg import colour, warp
 from jaxseg.augment import augment, augment_fn, check_augment_config, default_augment_config
 
 SIZE = 8
@@ -36,18 +36,18 @@ GEOMETRY_ONLY = dict(saturation_prob=0.0, contrast_prob=0.0, brightness_prob=0.0
 COLOUR_ONLY = dict(flip_left_right_prob=0.0, flip_up_down_prob=0.0, rot90=False)
 
 
-def _run(config, image, mask, num_seeds=NUM_SEEDS):
-    """(image, mask, colour factors) of one tile for seeds (11, 0..num_seeds-1), in a
-    graph like data.py's.
+def _run(config, image, mask, num_seeds=NUM_SEEDS, with_warp=False):
+    """(image, mask, colour factors[, warp parameters]) of one tile for seeds
+    (11, 0..num_seeds-1), in a graph like data.py's.
 
     Uncompiled, as XLA compilation would dominate the test time; a test below checks
     that the compiled function data.py uses draws the same.
     """
     seeds = tf.data.Dataset.range(num_seeds).map(
         lambda seed: tf.stack([tf.constant(11, tf.int32), tf.cast(seed, tf.int32)]))
-    images, masks, factors = seeds.map(lambda seed: augment(image, mask, config, seed)).batch(
+    outputs = seeds.map(lambda seed: augment(image, mask, config, seed)).batch(
         num_seeds).get_single_element()
-    return list(zip(images.numpy(), masks.numpy(), factors.numpy()))
+    return list(zip(*[output.numpy() for output in outputs[:4 if with_warp else 3]]))
 
 
 def _augmented(config, image, mask, num_seeds=NUM_SEEDS):
@@ -202,19 +202,20 @@ def test_saturation_equals_tf_image_hsv_saturation(factor):
                                atol=0.02)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(hed_prob=0.5, hue_prob=0.5)])
+@pytest.mark.parametrize("overrides", [
+    {}, dict(hed_prob=0.5, hue_prob=0.5, shift_scale_rotate_prob=0.5)])
 def test_xla_compiled_augment_draws_what_uncompiled_augment_draws(overrides):
     image, mask = _random_tile(5)
     compiled = augment_fn(_config(**overrides))
-    for seed, (plain_image, plain_mask, plain_factors) in enumerate(
-            _run(_config(**overrides), image, mask, num_seeds=40)):
-        xla_image, xla_mask, xla_factors = compiled(image, mask,
-                                                    tf.constant([11, seed], tf.int32))
-        np.testing.assert_array_equal(xla_image, plain_image)
-        np.testing.assert_array_equal(xla_mask, plain_mask)
+    for seed, plain in enumerate(_run(_config(**overrides), image, mask, num_seeds=40,
+                                      with_warp=True)):
+        xla = compiled(image, mask, tf.constant([11, seed], tf.int32))
+        np.testing.assert_array_equal(xla[0], plain[0])
+        np.testing.assert_array_equal(xla[1], plain[1])
         # One float32 rounding apart at most: XLA may fuse low + (high - low) * u (an
-        # absolute rounding for a stain shift near 0).
-        np.testing.assert_allclose(xla_factors, plain_factors, rtol=2e-7, atol=1e-8)
+        # absolute rounding of the range for a draw near 0: a stain shift, an angle).
+        np.testing.assert_allclose(xla[2], plain[2], rtol=2e-7, atol=1e-8)
+        np.testing.assert_allclose(xla[3], plain[3], rtol=2e-7, atol=2 * 90.0 * 2**-24)
 
 
 def test_same_seed_same_result_and_seeds_differ():
@@ -228,11 +229,13 @@ def test_same_seed_same_result_and_seeds_differ():
 
 def test_disabled_leaves_the_tile_as_it_is():
     image, mask = _random_tile(7)
-    out_image, out_mask, factors = _run(_config(enabled=False), image, mask, num_seeds=1)[0]
+    out_image, out_mask, factors, params = _run(_config(enabled=False, shift_scale_rotate_prob=1.0),
+                                                image, mask, num_seeds=1, with_warp=True)[0]
     assert out_image.dtype == np.uint8
     np.testing.assert_array_equal(out_image, image)
     np.testing.assert_array_equal(out_mask, mask)
     np.testing.assert_array_equal(factors, colour.IDENTITY)
+    np.testing.assert_array_equal(params, warp.IDENTITY)
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -245,6 +248,10 @@ def test_disabled_leaves_the_tile_as_it_is():
     (dict(hed_scale=1.5), "hed_scale"),
     (dict(hed_shift=-0.1), "hed_shift"),
     (dict(hue_max_delta=0.6), "hue_max_delta"),
+    (dict(shift_scale_rotate_prob=2.0), "shift_scale_rotate_prob"),
+    (dict(scale_limit=1.0), "scale_limit"),
+    (dict(rotate_limit=-5.0), "rotate_limit"),
+    (dict(shift_limit=1.5), "shift_limit"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"augment.{field}"):
@@ -350,3 +357,24 @@ def test_hue_through_the_jitter_is_adjust_hue_per_example():
     for example, delta in enumerate((0.1, -0.3)):
         expected = tf.image.adjust_hue(image[example] / 255.0, delta) * 255.0
         np.testing.assert_allclose(out[example], expected, atol=0.02)
+
+
+def test_shift_scale_rotate_is_drawn_in_its_ranges_and_leaves_the_other_draws():
+    image, mask = _random_tile(12)
+    config = _config(shift_scale_rotate_prob=0.4, rotate_limit=30.0, scale_limit=0.2,
+                     shift_limit=0.1, hed_prob=0.5, hue_prob=0.5)
+    recipe = _run(_config(hed_prob=0.5, hue_prob=0.5), image, mask, with_warp=True)
+    warped = _run(config, image, mask, with_warp=True)
+    for before, after in zip(recipe, warped):
+        for array_before, array_after in zip(before[:3], after[:3]):
+            np.testing.assert_array_equal(array_before, array_after)
+    params = np.stack([row[3] for row in warped])
+    drawn = (params != warp.IDENTITY).all(axis=1)
+    assert (drawn | (params == warp.IDENTITY).all(axis=1)).all()
+    assert np.mean(drawn) == pytest.approx(0.4, abs=0.06)
+    angle, scale = params[drawn, warp.ANGLE], params[drawn, warp.SCALE]
+    shifts = params[drawn][:, [warp.SHIFT_X, warp.SHIFT_Y]]
+    assert angle.min() >= -30 and angle.max() < 30 and angle.std() > 10
+    assert scale.min() >= 0.8 and scale.max() < 1.2
+    assert shifts.min() >= -0.1 and shifts.max() < 0.1
+    assert (shifts[:, 0] != shifts[:, 1]).all()

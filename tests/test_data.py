@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from sklearn.model_selection import KFold
 
-from jaxseg import colour
+from jaxseg import colour, warp
 from jaxseg.augment import default_augment_config
 from jaxseg.data import (checked_counts, count_examples, host_shard, kfold_splits,
                          list_record_files, num_validation_batches, train_batches,
@@ -202,9 +202,21 @@ def test_train_epoch_has_exactly_steps_batches_of_augmented_examples(files):
         assert set(np.unique(batch["mask"])) <= {0, 1}
         assert batch["colour_factors"].shape == (4, colour.NUM_FACTORS)
         assert batch["colour_factors"].dtype == np.float32
+        assert batch["warp"].shape == (4, warp.NUM_PARAMS)
+        np.testing.assert_array_equal(batch["warp"], np.tile(warp.IDENTITY, (4, 1)))
     factors = np.concatenate([batch["colour_factors"] for batch in batches])
     drawn = factors != colour.IDENTITY
     assert drawn.any() and not drawn.all()
+
+
+def test_shift_scale_rotate_parameters_reach_the_batches(files):
+    config = default_augment_config()
+    config.shift_scale_rotate_prob = 0.5
+    params = np.concatenate([batch["warp"] for batch in _train(files, augment_config=config,
+                                                                steps=9)])
+    drawn = (params != warp.IDENTITY).all(axis=1)
+    assert drawn.any() and not drawn.all()
+    assert (params[~drawn] == warp.IDENTITY).all()
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -234,7 +246,7 @@ def test_deterministic_train_epoch_is_reproducible(files):
     arguments = dict(augment_config=default_augment_config(), deterministic=True, seed=3)
     first, again = _train(files, **arguments), _train(files, **arguments)
     for a, b in zip(first, again, strict=True):
-        for key in ("image", "mask", "colour_factors"):
+        for key in ("image", "mask", "colour_factors", "warp"):
             np.testing.assert_array_equal(a[key], b[key])
     next_epoch = _train(files, **arguments, epoch=1)
     assert not np.array_equal(first[0]["image"], next_epoch[0]["image"])
@@ -279,8 +291,10 @@ def test_wrong_tile_size_names_the_file_and_size(files, tmp_path):
                f"{SIZE}x{SIZE}x3 uint8 tile; do the records match image_size={SIZE}")
     with pytest.raises(ValueError, match=message):
         list(validation_batches(files + [bad], image_size=SIZE, batch_size=4))
+    # 7 steps of 4 pass all 25 examples through the parse, whatever order they come in
+    # (6 steps missed the bad one about once in 25 runs).
     with pytest.raises(ValueError, match=message):
-        _train(files + [bad], deterministic=False)
+        _train(files + [bad], deterministic=False, steps=7)
 
 
 def test_missing_mask_names_the_file(tmp_path):
@@ -321,7 +335,7 @@ def test_deterministic_global_batches_do_not_depend_on_the_host_count(files):
     one_host = _train(files, **arguments)
     two_hosts = [_train(files, batch_size=2, process_index=host, process_count=2, **arguments)
                  for host in range(2)]
-    for key in ("image", "mask", "colour_factors"):
+    for key in ("image", "mask", "colour_factors", "warp"):
         for single, joined in zip([b[key] for b in one_host], _rows_of_hosts(two_hosts, key),
                                   strict=True):
             np.testing.assert_array_equal(single, joined)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxseg import (checkpoints, cli, colour, data, models, parallel, predict, processes, records,
-                    steps, thresholds, train)
+                    steps, thresholds, train, warp)
 from jaxseg.ensembles import load_ensemble
 from jaxseg.progress import HISTORY_KEYS
 from jaxseg.configs import cpu as cpu_config
@@ -313,6 +313,26 @@ def test_train_step_colours_uint8_images_as_the_host_would_before_sending_floats
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                  *results)
     assert results[0][2]["loss"] != one_step(model, variables, toy_batch(4, 11), 2)[2]["loss"]
+
+
+def test_train_step_warps_images_and_masks_as_the_host_would_before_sending_floats():
+    """A shift-scale-rotate drawn for some examples moves image and mask inside the step
+    exactly as `warp.shift_scale_rotate` on the host followed by sending floats."""
+    batch = toy_batch(4, 12)
+    params = np.tile(np.array(warp.IDENTITY, np.float32), (4, 1))
+    params[0], params[2] = (25.0, 1.1, 0.05, 0.0), (-60.0, 0.9, 0.0, -0.1)
+    batch["warp"] = params
+    images, masks = warp.shift_scale_rotate(batch["image"].astype(np.float32),
+                                            batch["mask"].astype(np.float32), params)
+    warped = {"image": np.asarray(images), "mask": np.asarray(masks)}
+    assert not np.array_equal(warped["mask"], batch["mask"])
+    model = _PixelModel()
+    variables = {"batch_stats": {},
+                 **model.init(jax.random.PRNGKey(0), warped["image"][:1], train=False)}
+    results = [one_step(model, variables, sent, 2) for sent in (batch, warped)]
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 *results)
+    assert results[0][2]["loss"] != one_step(model, variables, toy_batch(4, 12), 2)[2]["loss"]
 
 
 class _StopAfter:
