@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "ema": {"precise_bn_batches": 8, "ema_decay": 0.99},
     "cosine": {"precise_bn_batches": 8, "lr_schedule": "cosine", "warmup_epochs": 1},
     "bce_dice": {"precise_bn_batches": 8, "loss": "bce_dice"},
+    "lovasz": {"precise_bn_batches": 8, "loss": "lovasz"},
+    "bce_lovasz": {"precise_bn_batches": 8, "loss": "bce_lovasz"},
     "stain_aug": {"precise_bn_batches": 8, **STAIN_AUGMENTATION},
     "recipe_bn_stain_aug": {"precise_bn_batches": 0, **STAIN_AUGMENTATION},
 }

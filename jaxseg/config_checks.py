@@ -13,11 +13,10 @@ from typing import Any, Mapping
 import ml_collections
 
 from jaxseg import cli, paths
+from jaxseg.losses import LOSSES
 from jaxseg.models import BACKBONES, IMPL_FIELDS, INPUT_MULTIPLE
 from jaxseg.models.build import LAYER_VARIANTS
 from jaxseg.schedules import SCHEDULES
-
-LOSSES = ("dice", "bce_dice")
 
 Config = Mapping[str, Any] | ml_collections.ConfigDict
 # Fields a resumed run may change: extending training, choosing other folds, how layers are
@@ -59,8 +58,8 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     if config.epochs < 1:
         raise cli.InputError(f"config.epochs must be >= 1, got {config.epochs}")
     if config.loss not in LOSSES:
-        raise cli.InputError(f"config.loss: unknown {config.loss!r}, expected 'dice' or "
-                             "'bce_dice'")
+        raise cli.InputError(f"config.loss: unknown {config.loss!r}, expected one of "
+                             f"{', '.join(LOSSES)}")
     if config.num_folds < 2:
         raise cli.InputError(f"config.num_folds must be >= 2 (K-fold), got {config.num_folds}")
     chosen_folds(config)

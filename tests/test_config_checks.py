@@ -13,7 +13,8 @@ from jaxseg import cli, config_checks
     ("conv_impl", "fast", "config.conv_impl: 'fast' is not one of auto, native, matmul"),
     ("image_size", 100, "config.image_size: 100 is not a positive multiple of 32"),
     ("epochs", 0, "config.epochs must be >= 1, got 0"),
-    ("loss", "focal", "config.loss: unknown 'focal'"),
+    ("loss", "focal", "config.loss: unknown 'focal', expected one of dice, bce_dice, lovasz, "
+     "bce_lovasz"),
     ("num_folds", 1, "config.num_folds must be >= 2"),
     ("folds", "0,7", "config.folds: '0,7' is not a list of folds in 0..3"),
     ("per_device_batch_size", 0, "config.per_device_batch_size must be >= 1, got 0"),
@@ -41,6 +42,11 @@ def _config(**fields):
     config = default.get_config()
     config.update(data_dir="tiles", **fields)
     return config
+
+
+@pytest.mark.parametrize("loss", ["dice", "bce_dice", "lovasz", "bce_lovasz"])
+def test_every_loss_is_accepted(loss):
+    config_checks.check_train_config(_config(loss=loss))
 
 
 def test_cosine_schedule_must_decay():

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.per_device_batch_size = 8
     config.steps_per_epoch = -1        # -1: training images // global batch, as the recipe
     config.learning_rate = 2.5e-4
-    config.loss = "dice"               # or 'bce_dice'
+    config.loss = "dice"               # or 'bce_dice', 'lovasz', 'bce_lovasz'
     config.encoder_freeze_epochs = 0   # segmentation_models' encoder_freeze pre-training
     config.plateau_factor = 0.1        # ReduceLROnPlateau on val_loss
     config.plateau_patience = 8
