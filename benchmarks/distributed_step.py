@@ -43,8 +43,11 @@ def worker(args: argparse.Namespace) -> None:
         "image": rng.integers(0, 256, (local, args.image_size, args.image_size, 3), np.uint8),
         "mask": (rng.uniform(size=(local, args.image_size, args.image_size, 1)) > 0.8).astype(
             np.uint8),
-        "colour_factors": (np.array(colour.IDENTITY) + rng.uniform(
-            -0.1, 0.1, (local, colour.NUM_FACTORS))).astype(np.float32)}, mesh)
+        # The recipe's colour ops drawn, as the default augmentation sends them.
+        "colour_factors": np.concatenate([
+            1.0 + rng.uniform(-0.1, 0.1, (local, colour.HUE)),
+            np.tile(colour.IDENTITY[colour.HUE:], (local, 1))], axis=1).astype(np.float32)},
+        mesh)
     step = compiled.train(freeze_encoder=False)
     learning_rate = np.float32(1e-3)
 

@@ -46,6 +46,9 @@ from absl import app, flags
 REPO = Path(__file__).resolve().parent.parent
 # jaxseg config overrides of each variant; `keras` is the recipe itself.
 STAIN_AUGMENTATION = {"augment.hed_prob": 0.5, "augment.hue_prob": 0.5}
+# Every op beyond the recipe's, about as often as the top HuBMAP solutions drew them.
+STRONG_AUGMENTATION = {**STAIN_AUGMENTATION, "augment.shift_scale_rotate_prob": 0.5,
+                       "augment.blur_prob": 0.25, "augment.noise_prob": 0.25}
 VARIANTS: dict[str, dict[str, object] | None] = {
     "keras": None,
     "recipe_bn": {"precise_bn_batches": 0},          # the recipe's moving BatchNorm statistics
@@ -55,6 +58,8 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "bce_dice": {"precise_bn_batches": 8, "loss": "bce_dice"},
     "lovasz": {"precise_bn_batches": 8, "loss": "lovasz"},
     "bce_lovasz": {"precise_bn_batches": 8, "loss": "bce_lovasz"},
+    "shift_scale_rotate": {"precise_bn_batches": 8, "augment.shift_scale_rotate_prob": 0.5},
+    "strong_aug": {"precise_bn_batches": 8, **STRONG_AUGMENTATION},
     "stain_aug": {"precise_bn_batches": 8, **STAIN_AUGMENTATION},
     "recipe_bn_stain_aug": {"precise_bn_batches": 0, **STAIN_AUGMENTATION},
 }

@@ -35,14 +35,15 @@ _RNG = "philox"
 _UNIFORM_STEPS = 2**24
 _PROBABILITY_FIELDS = ("flip_left_right_prob", "flip_up_down_prob", "saturation_prob",
                        "contrast_prob", "brightness_prob", "hed_prob", "hue_prob",
-                       "shift_scale_rotate_prob")
+                       "shift_scale_rotate_prob", "blur_prob", "noise_prob")
 _RANGE_FIELDS = ("saturation_range", "contrast_range", "brightness_range")
 # Beyond these a scale could turn a concentration negative, or the hue range cover the
 # colour circle more than once.
 # A scale limit of 1 could shrink an image to nothing; a shift beyond 1 moves it out of
 # the frame; 180 degrees either way covers every angle.
 _STRENGTH_LIMITS = {"hed_scale": 1.0, "hed_shift": math.inf, "hue_max_delta": 0.5,
-                    "shift_limit": 1.0, "scale_limit": 0.99, "rotate_limit": 180.0}
+                    "shift_limit": 1.0, "scale_limit": 0.99, "rotate_limit": 180.0,
+                    "blur_max_sigma": colour.MAX_BLUR_SIGMA, "noise_max_std": 255.0}
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -76,6 +77,13 @@ def default_augment_config() -> ml_collections.ConfigDict:
         "shift_limit": 0.0625,
         "scale_limit": 0.1,
         "rotate_limit": 45.0,
+        # Not the recipe's: a Gaussian blur of standard deviation uniform in
+        # (0, blur_max_sigma) pixels, and Gaussian noise of standard deviation uniform in
+        # (0, noise_max_std) on 0..255 (albumentations' GaussNoise default reaches 7).
+        "blur_prob": 0.0,
+        "blur_max_sigma": 1.0,
+        "noise_prob": 0.0,
+        "noise_max_std": 7.0,
         # TensorFlow's XLA aborts the process on an XLA_FLAGS entry it does not know (one
         # newer than its XLA version, meant for JAX): turn this off if that happens.
         "xla_compile": True,
@@ -131,8 +139,9 @@ def augment(image: tf.Tensor, mask: tf.Tensor, config: ml_collections.ConfigDict
         _draw(sat_seed, config.saturation_prob, config.saturation_range),
         _draw(con_seed, config.contrast_prob, config.contrast_range),
         _draw(bri_seed, config.brightness_prob, config.brightness_range)])
-    return (image, mask, tf.concat([factors, _stain_factors(seed, config)], axis=0),
-            _warp_params(seed, config))
+    colour_factors = tf.concat([factors, _stain_factors(seed, config),
+                                _scanner_factors(seed, config)], axis=0)
+    return image, mask, colour_factors, _warp_params(seed, config)
 
 
 def augment_fn(config: ml_collections.ConfigDict) -> AugmentFn:
@@ -158,6 +167,24 @@ def _stain_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Ten
                          ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
                          identity=colour.IDENTITY[colour.HED])
     return tf.concat([hue[None], hed], axis=0)
+
+
+def _scanner_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """The blur's deviation, then the noise's deviation and seed, from a seed folded off
+    the example's so that the other ops draw what they drew before these existed."""
+    blur_seed, noise_seed, noise_draws_seed = tf.unstack(
+        tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(seed, 3, alg=_RNG), num=3, alg=_RNG))
+    blur = _draw(blur_seed, config.blur_prob, (0.0, config.blur_max_sigma),
+                 identity=colour.IDENTITY[colour.BLUR_SIGMA])
+    noise_std = _draw(noise_seed, config.noise_prob, (0.0, config.noise_max_std),
+                      identity=colour.IDENTITY[colour.NOISE_STD])
+    draws = tf.cast(tf.random.stateless_uniform([], noise_draws_seed, minval=0,
+                                                maxval=colour.NOISE_SEEDS, dtype=tf.int32,
+                                                alg=_RNG), tf.float32)
+    noise_draws = tf.where(noise_std != colour.IDENTITY[colour.NOISE_STD], draws,
+                           colour.IDENTITY[colour.NOISE_SEED])
+    return tf.stack([blur, noise_std, noise_draws])
 
 
 def _warp_params(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:

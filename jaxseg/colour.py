@@ -19,13 +19,21 @@ import jax.numpy as jnp
 import numpy as np
 
 PIXEL_MAX = 255.0
-# Columns of the per-example factors: the recipe's three first, then the stain ops.
+# Columns of the per-example factors: the recipe's three first, then the stain ops, then
+# the scanner's: a blur and noise (its standard deviation, and the seed of its draws).
 SATURATION, CONTRAST, BRIGHTNESS, HUE = range(4)
 HED_SCALE, HED_SHIFT = slice(4, 7), slice(7, 10)
 HED = slice(HED_SCALE.start, HED_SHIFT.stop)
+BLUR_SIGMA, NOISE_STD, NOISE_SEED = range(10, 13)
+NOISE = slice(NOISE_STD, NOISE_SEED + 1)
 # Each column's value for an op the host did not draw (the op's identity).
-IDENTITY = (1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+IDENTITY = (1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 NUM_FACTORS = len(IDENTITY)
+# The blur's taps either side of a pixel: 2.7 standard deviations of the widest blur.
+MAX_BLUR_SIGMA = 1.5
+BLUR_RADIUS = 4
+# Noise seeds are whole numbers below this, exact in a float32 column.
+NOISE_SEEDS = 2**24
 # Below this chroma a pixel is grey: its saturation stays 0 whatever the factor.
 _MIN_CHROMA = 1e-6
 # Optical density of one unit of haematoxylin, eosin and DAB (rows) in R, G, B: the
@@ -37,17 +45,20 @@ _RGB_FROM_HED = _RGB_FROM_HED.astype(np.float32)
 
 def jitter(images: jax.Array, factors: jax.Array) -> jax.Array:
     """(N, H, W, 3) pixels on 0..255 (any dtype) with each example's factors (N,
-    NUM_FACTORS) applied: stain (HED), hue, saturation, contrast, brightness in turn, as
-    float32 clipped to 0..255 after each op. Stain comes first because a slide is
-    stained before it is scanned. Factors equal to IDENTITY are an op the host did not
-    draw, and leave the pixels bit for bit."""
+    NUM_FACTORS) applied: stain (HED), hue, saturation, contrast, brightness, blur and
+    noise in turn, as float32 clipped to 0..255 after each op. Stain comes first because
+    a slide is stained before it is scanned, blur and noise last because the scanner
+    adds them. Factors equal to IDENTITY are an op the host did not draw, and leave the
+    pixels bit for bit."""
     images = images.astype(jnp.float32)
     factors = factors.astype(jnp.float32)[:, None, None, :]
     ops = ((HED, adjust_hed),
            (slice(HUE, HUE + 1), adjust_hue),
            (slice(SATURATION, SATURATION + 1), adjust_saturation),
            (slice(CONTRAST, CONTRAST + 1), adjust_contrast),
-           (slice(BRIGHTNESS, BRIGHTNESS + 1), jnp.multiply))
+           (slice(BRIGHTNESS, BRIGHTNESS + 1), jnp.multiply),
+           (slice(BLUR_SIGMA, BLUR_SIGMA + 1), gaussian_blur),
+           (NOISE, add_noise))
     for columns, adjust in ops:
         params = factors[..., columns]
         drawn = jnp.any(params != jnp.asarray(IDENTITY[columns], jnp.float32), axis=-1,
@@ -110,6 +121,35 @@ def adjust_hed(images: jax.Array, params: jax.Array) -> jax.Array:
     params (..., 6) holding the three scales then the three shifts (optical density
     units): more or less of each dye, as slides stained in another lab show."""
     return hed_to_rgb(rgb_to_hed(images) * params[..., :3] + params[..., 3:])
+
+
+def gaussian_blur(images: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Each example blurred by a Gaussian of its own standard deviation `sigma` (..., 1)
+    in pixels (at most MAX_BLUR_SIGMA), BLUR_RADIUS taps either side, borders mirrored
+    without repeating the edge (as `warp`): a scanner slightly out of focus."""
+    offsets = jnp.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * jnp.square(offsets / jnp.maximum(sigma, 1e-3)))
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    for axis in (1, 2):
+        padding = [(0, 0)] * images.ndim
+        padding[axis] = (BLUR_RADIUS, BLUR_RADIUS)
+        padded = jnp.pad(images, padding, mode="reflect")
+        length = images.shape[axis]
+        images = sum(weights[..., tap, None] * jax.lax.slice_in_dim(padded, tap, tap + length,
+                                                                    axis=axis)
+                     for tap in range(2 * BLUR_RADIUS + 1))
+    return images
+
+
+def add_noise(images: jax.Array, params: jax.Array) -> jax.Array:
+    """Gaussian noise of each example's standard deviation (0..255 units), independent
+    per pixel and channel, drawn from the example's own seed (params (..., 2): the
+    deviation, then the seed) so that an example's noise does not depend on which
+    device or host trains on it."""
+    seeds = params[:, 0, 0, 1].astype(jnp.uint32)
+    noise = jax.vmap(lambda seed: jax.random.normal(jax.random.PRNGKey(seed),
+                                                    images.shape[1:]))(seeds)
+    return images + params[..., :1] * noise
 
 
 def rgb_to_hed(images: jax.Array) -> jax.Array:

@@ -31,7 +31,9 @@ ADDED_OPTIONS = {"precise_bn_batches": 0, "ema_decay": 0.0, "lr_schedule": "plat
                  "augment": {"hed_prob": 0.0, "hed_scale": 0.05, "hed_shift": 0.05,
                              "hue_prob": 0.0, "hue_max_delta": 0.05,
                              "shift_scale_rotate_prob": 0.0, "shift_limit": 0.0625,
-                             "scale_limit": 0.1, "rotate_limit": 45.0}}
+                             "scale_limit": 0.1, "rotate_limit": 45.0, "blur_prob": 0.0,
+                             "blur_max_sigma": 1.0, "noise_prob": 0.0,
+                             "noise_max_std": 7.0}}
 
 
 def check_model_config(config: Config) -> None:

@@ -5,6 +5,7 @@ are checked together where the recipe's op is the whole of both.
 """
 import numpy as np
 import pytest
+import scipy.ndimage
 import tensorflow as tf
 from skimage import color as skimage_color
 
@@ -252,6 +253,9 @@ def test_disabled_leaves_the_tile_as_it_is():
     (dict(scale_limit=1.0), "scale_limit"),
     (dict(rotate_limit=-5.0), "rotate_limit"),
     (dict(shift_limit=1.5), "shift_limit"),
+    (dict(blur_prob=1.1), "blur_prob"),
+    (dict(blur_max_sigma=2.0), "blur_max_sigma"),
+    (dict(noise_max_std=-1.0), "noise_max_std"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"augment.{field}"):
@@ -298,7 +302,8 @@ def test_stain_ops_leave_the_recipes_draws_as_they_were():
         np.testing.assert_array_equal(image_a, image_b)
         np.testing.assert_array_equal(mask_a, mask_b)
         np.testing.assert_array_equal(factors_a[:colour.HUE], factors_b[:colour.HUE])
-        assert (factors_b[colour.HUE:] != factors_a[colour.HUE:]).all()
+        stain = slice(colour.HUE, colour.HED.stop)
+        assert (factors_b[stain] != factors_a[stain]).all()
 
 
 def test_stain_ops_not_drawn_leave_pixels_bit_for_bit():
@@ -378,3 +383,46 @@ def test_shift_scale_rotate_is_drawn_in_its_ranges_and_leaves_the_other_draws():
     assert scale.min() >= 0.8 and scale.max() < 1.2
     assert shifts.min() >= -0.1 and shifts.max() < 0.1
     assert (shifts[:, 0] != shifts[:, 1]).all()
+
+
+def test_blur_and_noise_are_drawn_in_their_ranges_and_leave_the_other_draws():
+    image, mask = _random_tile(13)
+    before = _run(_config(hed_prob=0.5), image, mask)
+    config = _config(hed_prob=0.5, blur_prob=0.3, blur_max_sigma=1.2, noise_prob=0.6,
+                     noise_max_std=5.0)
+    after = _run(config, image, mask)
+    for (image_a, mask_a, factors_a), (image_b, mask_b, factors_b) in zip(before, after):
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(mask_a, mask_b)
+        np.testing.assert_array_equal(factors_a[:colour.BLUR_SIGMA], factors_b[:colour.BLUR_SIGMA])
+    factors = np.stack([f for _, _, f in after])
+    blur, std, seed = (factors[:, column] for column in
+                       (colour.BLUR_SIGMA, colour.NOISE_STD, colour.NOISE_SEED))
+    # Four standard deviations of a frequency over NUM_SEEDS draws.
+    assert np.mean(blur > 0) == pytest.approx(0.3, abs=4 * np.sqrt(0.3 * 0.7 / NUM_SEEDS))
+    assert np.mean(std > 0) == pytest.approx(0.6, abs=4 * np.sqrt(0.6 * 0.4 / NUM_SEEDS))
+    assert blur.max() < 1.2 and std.max() < 5.0
+    assert ((seed > 0) == (std > 0)).all() and (seed == np.round(seed)).all()
+    assert len(np.unique(seed[std > 0])) == np.sum(std > 0)
+
+
+@pytest.mark.parametrize("sigma", [0.4, 1.5])
+def test_blur_is_scipys_gaussian_filter_with_mirrored_borders(sigma):
+    image, _ = _random_tile(14)
+    blurred = colour.jitter(image[None], _factors(blur_sigma=sigma)[None])[0]
+    expected = scipy.ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0),
+                                             mode="mirror", truncate=colour.BLUR_RADIUS / sigma)
+    np.testing.assert_allclose(blurred, np.clip(expected, 0, 255), atol=1e-3)
+
+
+def test_noise_has_its_deviation_and_follows_the_example_not_its_batch_row():
+    flat = np.full((SIZE * 4, SIZE * 4, 3), 128, np.uint8)
+    noisy = _factors(noise_std=6.0, noise_seed=77.0)
+    other = _factors(noise_std=6.0, noise_seed=78.0)
+    first = np.asarray(colour.jitter(np.stack([flat, flat]), np.stack([noisy, other])))
+    swapped = np.asarray(colour.jitter(np.stack([flat, flat]), np.stack([other, noisy])))
+    np.testing.assert_array_equal(first[0], swapped[1])
+    assert not np.array_equal(first[0], first[1])
+    difference = first[0] - 128.0
+    assert difference.std() == pytest.approx(6.0, rel=0.1)
+    assert abs(difference.mean()) < 0.5

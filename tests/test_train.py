@@ -490,18 +490,23 @@ def test_ema_is_the_average_of_the_trajectory_and_leaves_training_as_it_was():
 
 
 # Weight EMA, the cosine schedule (a 2-step warm-up, then 6 steps of cosine) and precise
-# BatchNorm of the averaged weights, one fold of two 4-step epochs in deterministic order.
-EMA_COSINE_RUN = dict(folds="0", steps_per_epoch=4, deterministic=True, ema_decay=0.9,
-                      lr_schedule="cosine", warmup_epochs=0.5, precise_bn_batches=1)
+# BatchNorm of the averaged weights, one fold of two 4-step epochs in deterministic order;
+# with the Lovasz hinge and every augmentation that is off by default.
+EVERY_OPTION_RUN = dict(folds="0", steps_per_epoch=4, deterministic=True, ema_decay=0.9,
+                      lr_schedule="cosine", warmup_epochs=0.5, precise_bn_batches=1,
+                      loss="bce_lovasz")
+EVERY_AUGMENTATION = dict(hed_prob=0.5, hue_prob=0.5, shift_scale_rotate_prob=0.5,
+                          blur_prob=0.5, noise_prob=0.5)
 
 
-def test_ema_and_cosine_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(
+def test_run_with_every_option_resumed_mid_epoch_ends_like_an_uninterrupted_one(
         record_dir, tmp_path, monkeypatch):
     """The run stopped by a preemption notice after step 2 of epoch 2, then run again,
     ends with the same state (average included) and history as the run left alone; the
     history's rates are optax's schedule at each epoch's first step; `best/` holds the
     averaged weights, with the statistics precise BatchNorm computed for them."""
-    config = tiny_config(record_dir, **EMA_COSINE_RUN)
+    config = tiny_config(record_dir, **EVERY_OPTION_RUN)
+    config.augment.update(EVERY_AUGMENTATION)
     states = {}  # (run, epochs done) -> the state each latest checkpoint saved
     save_latest = checkpoints.FoldCheckpoints.save_latest
 
