@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import checkpoints, cli, config_checks, convert, models, paths, slides, thresholds
+from jaxseg import (checkpoints, cli, config_checks, convert, models, paths, slides, stain,
+                    thresholds)
 
 # The seed's TFRecords: the recipe's tiles.
 SEED_REDUCTION = slides.RECIPE_REDUCTION
@@ -37,6 +38,8 @@ class Ensemble:
     # jaxseg/thresholds.py), or why there is none.
     threshold: float | None = None
     no_threshold_because: str = "converted Keras weights chose no threshold"
+    # The stain normalisation of the training tiles (RUN/prepare.json); None: none.
+    stain_normalisation: stain.Normalisation | None = None
 
 
 def read_run_config(run_dir: paths.Path) -> dict:
@@ -73,6 +76,15 @@ def run_slide_mpp(run_dir: paths.Path | None) -> float | None:
         return None
     slide_mpp = paths.read_json(run_dir / "prepare.json").get("slide_mpp")
     return None if slide_mpp is None else float(slide_mpp)
+
+
+def run_stain_normalisation(run_dir: paths.Path | None) -> stain.Normalisation | None:
+    """The stain normalisation the run's tiles were made with (prepare.json), which
+    prediction applies to every slide; None if there was none."""
+    if run_dir is None or not (run_dir / "prepare.json").is_file():
+        return None
+    return stain.Normalisation.from_prepare_record(
+        paths.read_json(run_dir / "prepare.json"), str(run_dir / "prepare.json"))
 
 
 def find_fold_dirs(run_dir: paths.Path, allow_unfinished: bool = False) -> list[paths.Path]:
@@ -176,7 +188,8 @@ def load_ensemble(workdir: str | None, checkpoint: str | None = None,
         check_variables(model, variables, tile, source)
     slide_mpp = run_slide_mpp(run_dir)
     ensemble = Ensemble(model, variables_list, tile, reduction, source,
-                        None if slide_mpp is None else slide_mpp * reduction)
+                        None if slide_mpp is None else slide_mpp * reduction,
+                        stain_normalisation=run_stain_normalisation(run_dir))
     if not keras_weights:
         try:
             ensemble.threshold = thresholds.run_threshold(

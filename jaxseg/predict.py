@@ -11,6 +11,9 @@ devices: every finished fold's best model and, with flip TTA, the four flips of 
 window, averaged as probabilities. The windows are blended by `jaxseg.stitch` and
 thresholded strip by strip, so the only slide-sized array is the bool mask at model
 scale; the full-resolution RLE is computed from it directly.
+When the run's tiles were stain-normalised (RUN/prepare.json, `jaxseg.stain`), each
+slide's tissue colour statistics are measured at the scale it is predicted at, and every
+window is moved onto the tiles' target before the models see it.
 Several processes (the hosts of a pod slice) each predict their share of the slides
 on their own devices, and process 0 writes the submission. With `--out_dir`, each slide
 also gets the files `jaxseg.outputs` writes (polygons, a mask pyramid, statistics), and a
@@ -31,10 +34,11 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxseg import (cli, compile_cache, host_memory, models, outputs, parallel, paths, processes,
-                    slides, stitch)
+                    slides, stain, stitch)
 from jaxseg.ensembles import SEED_REDUCTION, SEED_TILE_SIZE, Ensemble, load_ensemble
 
 TTA_MODES = ("none", "flips")
+STAIN_MODES = ("auto", "none")
 _RLE_BLOCK_PIXELS = 1 << 25
 # A slide read further than this from --target_mpp (its pixel size times a whole
 # reduction) is named, with the scale it is read at.
@@ -53,6 +57,8 @@ class SlideOptions:
     # Micrometres per model pixel to read slides at, when they record their pixel size;
     # None: every slide at `reduction`.
     target_mpp: float | None = None
+    # The training tiles' stain normalisation, applied to every window; None: none.
+    stain_normalisation: stain.Normalisation | None = None
 
 
 def _unchanged(x: jax.Array) -> jax.Array:
@@ -142,12 +148,20 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
     """
     height, width = slides.model_scale_shape(slide.height, slide.width, options.reduction)
     grid = stitch.plan_windows(height, width, options.tile, options.overlap)
+    read = slides.scaled_reader(slide, options.reduction)
+    if options.stain_normalisation is not None:
+        transfer = options.stain_normalisation.transfer(slide, options.reduction)
+        if transfer is None:
+            print(f"note: {slide.path}: no tissue pixels to measure the stain of; predicted "
+                  "without stain normalisation", file=sys.stderr, flush=True)
+        else:
+            read = transfer.reader(read)
     not_finite: list[str] = []
     with tqdm(total=grid.num_windows, desc=description, unit="window", leave=False,
               disable=not processes.is_main()) as bar:
         try:
             mask = stitch.predict_mask(
-                grid, slides.scaled_reader(slide, options.reduction), predict_fn, options.threshold,
+                grid, read, predict_fn, options.threshold,
                 probabilities, blend=options.blend, batch_size=options.batch_size,
                 progress=bar.update,
                 on_not_finite=not_finite.append if options.continue_on_nan else None)
@@ -160,6 +174,14 @@ def predict_slide(slide: slides.Slide, predict_fn: stitch.PredictFn, options: Sl
               f"1/{options.reduction} scale): {'; '.join(not_finite[:3])}"
               f"{'; ...' if len(not_finite) > 3 else ''}", file=sys.stderr, flush=True)
     return mask
+
+
+def describe_stain(normalisation: stain.Normalisation, source: str) -> str:
+    """The line a command prints once when it stain-normalises the slides it predicts."""
+    target = normalisation.target
+    return (f"stain: each slide's tissue colours are normalised (Reinhard) to the target of "
+            f"{source} (L*a*b* mean {', '.join(f'{v:.1f}' for v in target.mean)}, std "
+            f"{', '.join(f'{v:.1f}' for v in target.std)})")
 
 
 def slide_reduction(slide: slides.Slide, options: SlideOptions, said: set[str]) -> int:
@@ -314,6 +336,10 @@ def define_flags() -> None:
     flags.DEFINE_string("threshold", "0.5", "Probability above which a pixel is glomerulus, "
                         "or 'run': the mean of the thresholds the run's folds chose on their "
                         "validation tiles (result.json).")
+    flags.DEFINE_enum("stain_normalisation", "auto", list(STAIN_MODES), "auto: normalise "
+                      "each slide's stain as the training tiles were (the target in "
+                      "RUN/prepare.json, when jaxseg.prepare --stain_normalisation made "
+                      "them); none: predict the slides' own colours.")
     flags.DEFINE_integer("batch_size", 4, "Windows per device per step (times 4 with "
                          "flip TTA).")
     flags.DEFINE_bool("continue_on_nan", False, "Go on when a window's predicted "
@@ -388,7 +414,10 @@ def main() -> None:
                            overlap=round(overlap * ensemble.tile), blend=config.blend,
                            batch_size=global_batch,
                            threshold=chosen_threshold(config.threshold, ensemble),
-                           continue_on_nan=config.continue_on_nan, target_mpp=target_mpp)
+                           continue_on_nan=config.continue_on_nan, target_mpp=target_mpp,
+                           stain_normalisation=(ensemble.stain_normalisation
+                                                if config.stain_normalisation == "auto"
+                                                else None))
     if processes.is_main():
         print(f"{len(images)} images; {len(ensemble.variables)} model(s) from "
               f"{ensemble.source}; {ensemble.tile} px windows at {target_mpp:g} \u00b5m/px "
@@ -397,6 +426,10 @@ def main() -> None:
               f"threshold {options.threshold:g}, "
               f"{jax.device_count()} devices in {jax.process_count()} process(es)",
               file=sys.stderr, flush=True)
+        if options.stain_normalisation is not None:
+            print(describe_stain(options.stain_normalisation, "the training tiles (RUN/"
+                                 "prepare.json)") + "; --stain_normalisation=none turns it off",
+                  file=sys.stderr, flush=True)
     predict_to_csv(images, predict_fn, options, config.out, slide_outputs)
     if processes.is_main():
         print(f"wrote {config.out}", file=sys.stderr)

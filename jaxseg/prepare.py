@@ -15,6 +15,14 @@ from it. slide_mpp is the slides' pixel size in micrometres (their median), null
 every slide records one. A slide none of whose tiles passes the background filter is
 skipped with a warning: it has no record file.
 
+Stain normalisation (--stain_normalisation=reinhard, `jaxseg.stain`): before any tile is
+cut, every slide's tissue colour statistics are measured; their mean is the target, and
+each kept tile is moved from its slide's statistics onto it (the background filter sees
+the slide's own colours, so the same tiles are kept). prepare.json then records
+`stain_normalisation: {method, target: {mean, std}, slides: {id: {mean, std}}}` (L*a*b*),
+and predict normalises the slides it predicts to the same target. A slide without
+tissue pixels has no statistics: it is named and its tiles are left as they are.
+
 Tiling: --tile_size is the tile at model scale, as in predict (512, the recipe's); a
 grid of full-resolution windows of tile_size * reduction pixels, overlapping by the
 fraction --overlap, covers every pixel; the slide is padded with zeros split evenly on
@@ -46,6 +54,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -61,7 +71,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from jaxseg import cli, locking, paths, records, rle
+from jaxseg import cli, locking, paths, records, rle, stain
 from jaxseg.rle import RleMask
 from jaxseg.slides import IMAGE_SUFFIXES, RECIPE_REDUCTION, RECIPE_TILE_SIZE, SLIDE_SUFFIXES, \
     TIFF_SUFFIXES, MaskImage, Slide, downscale_area, image_id, open_mask, open_slide
@@ -79,8 +89,12 @@ class TilingConfig:
     overlap: int = 0                    # full-resolution pixels
     saturation_threshold: int = 40
     min_pixels: int | None = None       # None: default_min_pixels of the reduced size
+    stain_normalisation: str = "none"   # one of stain.METHODS
 
     def __post_init__(self):
+        if self.stain_normalisation not in stain.METHODS:
+            raise cli.InputError(f"--stain_normalisation must be one of "
+                                 f"{', '.join(stain.METHODS)}, got {self.stain_normalisation!r}")
         if self.tile_size < 1 or self.reduction < 1:
             raise cli.InputError("tile_size and reduction must be positive")
         if self.tile_size % self.reduction:
@@ -113,15 +127,9 @@ def grid_starts(length: int, tile_size: int, overlap: int) -> list[int]:
 
 
 def tissue_pixel_count(tile: np.ndarray, saturation_threshold: int) -> int:
-    """Pixels whose OpenCV 8-bit HSV saturation exceeds the threshold.
-
-    OpenCV rounds 255 * (max - min) / max half up, so `s > t` is
-    510 * (max - min) >= (2t + 1) * max, which avoids a division.
-    """
-    high = tile.max(axis=-1).astype(np.int32)
-    spread = high - tile.min(axis=-1)
-    return int(np.count_nonzero((510 * spread >= (2 * saturation_threshold + 1) * high)
-                                & (spread > 0)))
+    """Pixels whose OpenCV 8-bit HSV saturation exceeds the threshold (the rule is
+    `stain.tissue_pixels`, which the stain statistics measure too)."""
+    return int(np.count_nonzero(stain.tissue_pixels(tile, saturation_threshold)))
 
 
 def is_tissue(tile: np.ndarray, config: TilingConfig) -> bool:
@@ -132,8 +140,10 @@ def is_tissue(tile: np.ndarray, config: TilingConfig) -> bool:
 
 def cut_tiles(slide: Slide, mask: RleMask | MaskImage, config: TilingConfig,
               progress: Callable[[int], None] = lambda done: None,
+              transfer: stain.Transfer | None = None,
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Reduced (image, mask) tiles of a slide that pass the background filter."""
+    """Reduced (image, mask) tiles of a slide that pass the background filter, the
+    images stain-normalised by `transfer` when given (after the filter)."""
     _check_same_size(f"mask of {slide.path}", mask, slide)
     size = config.tile_size
     columns = grid_starts(slide.width, size, config.overlap)
@@ -147,6 +157,8 @@ def cut_tiles(slide: Slide, mask: RleMask | MaskImage, config: TilingConfig,
             small_image = downscale_area(image, config.reduction)
             if not is_tissue(small_image, config):
                 continue
+            if transfer is not None:
+                small_image = transfer(small_image)
             truth = np.zeros((size, size), bool)
             truth[inside] = mask.read(y0, y1, x0, x1)
             yield small_image, downscale_area(truth, config.reduction)
@@ -164,6 +176,8 @@ class SlideJob:
     # What a resumed run compares before it reuses this slide's staged records.
     fingerprint: str = ""
     mpp: float | None = None    # micrometres per pixel, when the slide records it
+    # Moves the slide's tiles onto the stain target (--stain_normalisation); None: as read.
+    transfer: stain.Transfer | None = None
 
 
 def competition_jobs(data_dir: str | os.PathLike) -> list[SlideJob]:
@@ -225,7 +239,8 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
     out_dir = paths.path(out_dir)
     with locking.hold(out_dir, "a prepare"):
         _check_no_other_slides(out_dir, jobs)
-        staging = _staging_dir(out_dir, config)
+        jobs, stain_record = _plan_stain(jobs, config, workers)
+        staging = _staging_dir(out_dir, config, stain_record)
         done = _finished_slides(staging, out_dir, jobs)
         todo = [job for job in jobs if job.slide_id not in done]
         if done:
@@ -234,7 +249,7 @@ def prepare(jobs: list[SlideJob], out_dir: str | os.PathLike, config: TilingConf
         counts = dict(done)
         try:
             counts.update(_tile_all(todo, config, staging, workers))
-            summary = _publish(jobs, counts, out_dir, config, staging)
+            summary = _publish(jobs, counts, out_dir, config, staging, stain_record)
         except BaseException:
             kept = sum(map(bool, _finished_slides(staging, out_dir, jobs).values()))
             if kept:
@@ -251,7 +266,7 @@ def _tile_all(jobs: list[SlideJob], config: TilingConfig, staging: str,
               workers: int) -> dict[str, int]:
     if not jobs:
         return {}
-    workers = min(workers if workers > 0 else len(os.sched_getaffinity(0)), len(jobs))
+    workers = _worker_count(workers, len(jobs))
     total = sum(len(grid_starts(job.height, config.tile_size, config.overlap))
                 * len(grid_starts(job.width, config.tile_size, config.overlap))
                 for job in jobs)
@@ -261,8 +276,58 @@ def _tile_all(jobs: list[SlideJob], config: TilingConfig, staging: str,
         return _tile_in_processes(jobs, config, staging, workers, bar)
 
 
+def _worker_count(workers: int, num_jobs: int) -> int:
+    """--workers (<= 0: the usable cores), at most one per slide."""
+    return min(workers if workers > 0 else len(os.sched_getaffinity(0)), num_jobs)
+
+
+def _plan_stain(jobs: list[SlideJob], config: TilingConfig, workers: int
+                ) -> tuple[list[SlideJob], dict | None]:
+    """(the jobs, each with its slide's stain transfer, and prepare.json's
+    stain_normalisation record) with --stain_normalisation=reinhard; (jobs, None) without.
+
+    Every slide is measured before any is tiled, since the target is their mean.
+    """
+    if config.stain_normalisation == "none":
+        return jobs, None
+    count = _worker_count(workers, len(jobs))
+    measure = functools.partial(_measure_stain, config=config)
+    measured = []
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(jobs), desc="stain statistics", unit="slide"))
+        # spawn, not fork, as for tiling: TensorFlow is not fork-safe.
+        results = (map(measure, jobs) if count <= 1 else stack.enter_context(
+            multiprocessing.get_context("spawn").Pool(
+                count, initializer=paths.setup_emulator_env)).imap(measure, jobs))
+        for statistics in results:
+            measured.append(statistics)
+            bar.update()
+    found = [statistics for statistics in measured if statistics is not None]
+    if not found:
+        raise cli.InputError(f"--stain_normalisation={config.stain_normalisation}: no slide "
+                             f"has a pixel of saturation above {config.saturation_threshold} "
+                             "to measure its stain on")
+    target = stain.mean_statistics(found)
+    for job, statistics in zip(jobs, measured):
+        if statistics is None:
+            print(f"warning: {job.image_path}: no tissue pixels to measure the stain of; "
+                  f"slide {job.slide_id}'s tiles are not stain-normalised", file=sys.stderr,
+                  flush=True)
+    planned = [dataclasses.replace(job, transfer=None if statistics is None else stain.Transfer(
+        statistics, target, config.saturation_threshold))
+        for job, statistics in zip(jobs, measured)]
+    return planned, {"method": config.stain_normalisation, "target": target.to_json(),
+                     "slides": {job.slide_id: None if statistics is None else statistics.to_json()
+                                for job, statistics in zip(jobs, measured)}}
+
+
+def _measure_stain(job: SlideJob, config: TilingConfig) -> stain.StainStatistics | None:
+    with open_slide(job.image_path) as slide:
+        return stain.slide_statistics(slide, config.reduction, config.saturation_threshold)
+
+
 def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
-             config: TilingConfig, staging: str) -> dict:
+             config: TilingConfig, staging: str, stain_record: dict | None) -> dict:
     """Writes prepare.json, then moves the staged records into OUT_DIR."""
     # A slide without tissue would make an empty record file, which training rejects.
     skipped = [job for job in jobs if not counts[job.slide_id]]
@@ -282,6 +347,8 @@ def _publish(jobs: list[SlideJob], counts: dict[str, int], out_dir: paths.Path,
                "slides": {job.slide_id: counts[job.slide_id] for job in jobs
                           if counts[job.slide_id]},
                "skipped_slides": [job.slide_id for job in skipped]}
+    if stain_record is not None:
+        summary["stain_normalisation"] = stain_record
     # prepare.json goes first: a run killed while moving records in leaves files that
     # disagree with it, which training refuses, rather than a folder that looks whole;
     # the same command then finishes the moves from the staging folder.
@@ -306,7 +373,7 @@ def _tile_slide(job: SlideJob, config: TilingConfig, staging: str,
                    else open_mask(job.mask))
     with open_slide(job.image_path) as slide, mask_source as mask:
         path = records.write_records(staging, job.slide_id,
-                                     cut_tiles(slide, mask, config, progress))
+                                     cut_tiles(slide, mask, config, progress, job.transfer))
     count = 0 if path is None else records.count_from_name(path)
     paths.atomic_write(os.path.join(staging, job.slide_id + _DONE_SUFFIX),
                        json.dumps({"fingerprint": job.fingerprint, "count": count}))
@@ -346,11 +413,14 @@ def _tile_in_processes(jobs: list[SlideJob], config: TilingConfig, out_dir: str,
     return counts
 
 
-def _staging_dir(out_dir: paths.Path, config: TilingConfig) -> str:
+def _staging_dir(out_dir: paths.Path, config: TilingConfig, stain_record: dict | None) -> str:
     """The staging folder of this OUT_DIR and tiling (resumed if an earlier run left
     it); those of other tilings, which no run can resume now, are removed. Only the
-    holder of OUT_DIR's lock gets here, so no live run uses them."""
-    key = hashlib.sha256(f"{out_dir}|{config}".encode()).hexdigest()[:16]
+    holder of OUT_DIR's lock gets here, so no live run uses them. A stain target is part
+    of the tiling: other slides make another target, and tiles normalised to the old one
+    are not reused."""
+    stain_key = "" if stain_record is None else f"|{stain_record['target']}"
+    key = hashlib.sha256(f"{out_dir}|{config}{stain_key}".encode()).hexdigest()[:16]
     parent = tempfile.gettempdir() if paths.is_remote(out_dir) else os.fspath(out_dir)
     ours = os.path.join(parent, _STAGING_PREFIX + key)
     if not paths.is_remote(out_dir):
@@ -462,6 +532,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("min_pixels", -1, "Keep a tile only if it has more tissue pixels "
                          "than this, and a larger pixel sum; -1: 1000 * (reduced size / "
                          "256)**2, i.e. 4000 for 512-px tiles.")
+    flags.DEFINE_enum("stain_normalisation", "none", list(stain.METHODS), "reinhard: move "
+                      "every slide's tissue colour statistics (CIELAB mean and std) onto "
+                      "their mean, recorded in prepare.json for predict to normalise to.")
     flags.DEFINE_integer("workers", 0, "Slides tiled in parallel processes; 0: one per "
                          "slide up to the number of cores.")
 
@@ -481,7 +554,8 @@ def main() -> None:
         tile_size=full_tile, reduction=options.reduction,
         overlap=overlap_pixels(options.overlap, full_tile),
         saturation_threshold=options.saturation_threshold,
-        min_pixels=options.min_pixels if options.min_pixels >= 0 else None)
+        min_pixels=options.min_pixels if options.min_pixels >= 0 else None,
+        stain_normalisation=options.stain_normalisation)
     jobs = (competition_jobs(options.competition_dir) if options.competition_dir
             else image_jobs(options.images, options.masks))
     summary = prepare(jobs, options.out_dir, config, options.workers)

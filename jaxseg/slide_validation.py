@@ -7,11 +7,13 @@ the fold's validation slides as `jaxseg.predict` does (sliding window at the tra
 tiles' scale, centre blend, no flips, threshold 0.5) and scores it as `jaxseg.evaluate`
 does (Dice per image at full resolution, averaged): `val_slide_dice`, which
 `config.monitor` can make the metric that chooses the best epoch and stops training.
+Slides are stain-normalised when the records were (their prepare.json), as predict does.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import jax
 import ml_collections
@@ -98,7 +100,12 @@ class SlideValidation:
             tile=config.image_size, reduction=reduction,
             overlap=round(_OVERLAP * config.image_size), blend="center",
             batch_size=self._predictor.global_batch, threshold=0.5,
-            target_mpp=(slide_mpp or slides.RECIPE_SLIDE_MPP) * reduction)
+            target_mpp=(slide_mpp or slides.RECIPE_SLIDE_MPP) * reduction,
+            stain_normalisation=ensembles.run_stain_normalisation(data_dir))
+        if self._options.stain_normalisation is not None and processes.is_main():
+            print(predict.describe_stain(self._options.stain_normalisation, "the records "
+                                         f"({data_dir / 'prepare.json'})"),
+                  file=sys.stderr, flush=True)
         self._said: set[str] = set()   # scale notes already printed, once per run
 
     def score(self, variables: dict, ids: list[str]) -> float:

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from jaxseg import (checkpoints, convert, ensembles, evaluate, models, outputs, predict, rle,
-                    slides)
+                    slides, stain, synthetic)
 from unet_variables import random_variables
 
 TILE = 64
@@ -313,3 +313,44 @@ def test_cli_errors_are_one_line_and_write_nothing(fake_run, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: --images '{tmp_path}/*.tiff': no files match"]
     assert not out.exists()
+
+
+def test_stain_normalised_prediction_is_that_of_the_normalised_slide(fake_run, tmp_path):
+    """A run whose prepare.json records a stain target normalises every window of a
+    slide: the same as predicting the slide normalised beforehand."""
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    target = {"mean": [60.0, 35.0, -20.0], "std": [9.0, 7.0, 6.0]}
+    record = json.loads((run / "prepare.json").read_text())
+    (run / "prepare.json").write_text(json.dumps({
+        **record, "thresholds": {"saturation": 40, "min_pixels": 62},
+        "stain_normalisation": {"method": "reinhard", "target": target, "slides": {}}}))
+    normalisation = ensembles.load_ensemble(str(run)).stain_normalisation
+    assert normalisation == stain.Normalisation(stain.StainStatistics.from_json(target, ""), 40)
+    assert ensembles.load_ensemble(str(fake_run)).stain_normalisation is None
+
+    synthetic.make_dataset(tmp_path / "synthetic", num_train=0, num_test=1, height=300,
+                           width=340, seed=3, test_stain_shift=(1.2, 0.8, 1.1))
+    [path] = (tmp_path / "synthetic" / "test").glob("*.tiff")
+    with slides.open_slide(path) as slide:
+        shape = slides.model_scale_shape(slide.height, slide.width, REDUCTION)
+        image = slides.scaled_reader(slide, REDUCTION)(0, shape[0], 0, shape[1])
+        normalised = normalisation.transfer(slide, REDUCTION)(image)
+        tissue = stain.tissue_pixels(image, 40)
+        assert tissue.mean() > 0.05 and np.abs(normalised.astype(int) - image)[tissue].mean() > 5
+        green = lambda batch: batch[..., 1] / 255   # noqa: E731  a probability per pixel
+        got = np.zeros(shape, np.uint8)
+        predict.predict_slide(slide, green, dataclasses.replace(
+            options(), stain_normalisation=normalisation), probabilities=got)
+        plain = np.zeros(shape, np.uint8)
+        predict.predict_slide(slide, green, options(), probabilities=plain)
+    Image.fromarray(normalised).save(tmp_path / "normalised.png")
+    expected = np.zeros(shape, np.uint8)
+    with slides.open_slide(tmp_path / "normalised.png") as slide:
+        predict.predict_slide(slide, green, dataclasses.replace(options(), reduction=1),
+                              probabilities=expected)
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, plain)
+    assert predict.describe_stain(normalisation, "the training tiles") == (
+        "stain: each slide's tissue colours are normalised (Reinhard) to the target of the "
+        "training tiles (L*a*b* mean 60.0, 35.0, -20.0, std 9.0, 7.0, 6.0)")

@@ -1,5 +1,6 @@
 """Slides -> TFRecord tiles: the right windows, the background filter, clean failures."""
 import csv
+import hashlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import tifffile
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image
 
-from jaxseg import data, locking, prepare, rle
+from jaxseg import data, locking, prepare, rle, stain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -465,6 +466,71 @@ def test_worker_processes_write_the_same_records(tmp_path):
                             read_records(tmp_path / "two" / name), strict=True):
                 np.testing.assert_array_equal(a[0], b[0])
                 np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_default_output_is_what_it_was_before_stain_normalisation(tmp_path):
+    """prepare.json and every decoded tile, hashed: the digest is that of the commit
+    before --stain_normalisation existed (decoded, as protobuf may order a record's
+    features differently from one process to the next)."""
+    write_competition(tmp_path / "data", {"s0": make_slide(0), "s1": make_slide(1)})
+    run_competition(tmp_path / "data", tmp_path / "out", stain_normalisation="none")
+    digest = hashlib.md5((tmp_path / "out" / "prepare.json").read_bytes())
+    for name in ("s0-9.tfrec", "s1-9.tfrec"):
+        for image, mask in read_records(tmp_path / "out" / name):
+            digest.update(image.tobytes())
+            digest.update(mask.tobytes())
+    assert digest.hexdigest() == "9b22c993062cc82b0b493cfc404f54a4"
+
+
+def test_reinhard_moves_every_slides_tiles_onto_the_recorded_target(tmp_path):
+    image, mask = make_slide(0)
+    bluer, _ = make_slide(1)
+    bluer[:, 170:] = (bluer[:, 170:] * np.array([0.75, 0.9, 1.0])).astype(np.uint8)
+    write_competition(tmp_path / "data", {"s0": (image, mask), "s1": (bluer, mask)})
+    plain = run_competition(tmp_path / "data", tmp_path / "plain")
+    summary = run_competition(tmp_path / "data", tmp_path / "out",
+                              stain_normalisation="reinhard")
+    record = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert record == summary
+    assert {key: value for key, value in record.items() if key != "stain_normalisation"} \
+        == plain   # the same tiles are kept
+    stain_record = record["stain_normalisation"]
+    assert stain_record["method"] == "reinhard" and set(stain_record["slides"]) == {"s0", "s1"}
+    per_slide = [stain.StainStatistics.from_json(stain_record["slides"][slide_id], slide_id)
+                 for slide_id in ("s0", "s1")]
+    target = stain.StainStatistics.from_json(stain_record["target"], "target")
+    assert target == stain.mean_statistics(per_slide)
+    assert np.linalg.norm(np.subtract(per_slide[0].mean, per_slide[1].mean)) > 5
+    for slide_id in ("s0", "s1"):
+        name = f"{slide_id}-{record['slides'][slide_id]}.tfrec"
+        tiles = np.stack([tile for tile, _ in read_records(tmp_path / "out" / name)])
+        before = np.stack([tile for tile, _ in read_records(tmp_path / "plain" / name)])
+        tissue = stain.tissue_pixels(before, 40)
+        lab = stain.rgb_to_lab(tiles[tissue])
+        np.testing.assert_allclose(lab.mean(axis=0), target.mean, atol=1.0)
+        np.testing.assert_allclose(lab.std(axis=0), target.std, rtol=0.1)
+        np.testing.assert_array_equal(tiles[~tissue], before[~tissue])   # glass, padding
+
+
+def test_reinhard_statistics_in_worker_processes_are_the_same(tmp_path):
+    write_competition(tmp_path / "data", {"s0": make_slide(0), "s1": make_slide(1)})
+    one = run_competition(tmp_path / "data", tmp_path / "one", stain_normalisation="reinhard")
+    two = run_competition(tmp_path / "data", tmp_path / "two", workers=2,
+                          stain_normalisation="reinhard")
+    assert one == two
+
+
+def test_an_unknown_stain_normalisation_is_one_line_naming_the_flag(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxseg.prepare", f"--competition_dir={tmp_path}",
+         f"--out_dir={tmp_path / 'out'}", "--stain_normalisation=macenko"],
+        capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "--stain_normalisation" in line and "macenko" in line
+    with pytest.raises(ValueError, match="^--stain_normalisation must be one of none, "
+                                         "reinhard, got 'macenko'$"):
+        prepare.TilingConfig(stain_normalisation="macenko")
 
 
 def test_command_line_error_is_one_line_with_exit_status_1(tmp_path):
