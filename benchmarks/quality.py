@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict[str, object] | None] = {
     "bce_lovasz": {"precise_bn_batches": 8, "loss": "bce_lovasz"},
     "shift_scale_rotate": {"precise_bn_batches": 8, "augment.shift_scale_rotate_prob": 0.5},
     "strong_aug": {"precise_bn_batches": 8, **STRONG_AUGMENTATION},
+    # The fold's validation images predicted whole each epoch choose the best epoch.
+    "slide_val": {"precise_bn_batches": 8, "val_images": "{training_images}",
+                  "val_truth": "{training_truth}"},
     "stain_aug": {"precise_bn_batches": 8, **STAIN_AUGMENTATION},
     "recipe_bn_stain_aug": {"precise_bn_batches": 0, **STAIN_AUGMENTATION},
 }
@@ -137,7 +140,9 @@ def main(argv: list[str]) -> None:
 # --- data ------------------------------------------------------------------------------
 
 def prepare_data(data_dir: Path) -> dict:
-    """Record files in data_dir/records and where the held-out images and their truth are."""
+    """Record files in data_dir/records; where the held-out images and their truth are
+    (`images`, `truth`), and the training images and theirs (`training_images`,
+    `training_truth`, which variants' overrides may name in braces)."""
     if _DATA.value == "real":
         held_out = _split_real_tiles(Path(_TILES_DIR.value), data_dir)
         source = ["--images", str(data_dir / "train" / "images"),
@@ -174,7 +179,9 @@ def _split_real_tiles(tiles_dir: Path, data_dir: Path) -> dict:
     print(f"real tiles: {len(sides['train'])} train, {len(sides['heldout'])} held out, "
           f"{len(rows) - len(sides['train']) - len(sides['heldout'])} dropped", flush=True)
     return {"images": str(data_dir / "heldout" / "images" / "*.jpg"),
-            "truth": str(data_dir / "heldout" / "masks")}
+            "truth": str(data_dir / "heldout" / "masks"),
+            "training_images": str(data_dir / "train" / "images" / "*.jpg"),
+            "training_truth": str(data_dir / "train" / "masks")}
 
 
 def _synthetic_slides(data_dir: Path) -> dict:
@@ -186,7 +193,9 @@ def _synthetic_slides(data_dir: Path) -> dict:
                                stain_spread=_STAIN_SPREAD.value,
                                test_stain_shift=[float(f) for f in _TEST_STAIN_SHIFT.value])
     return {"images": str(slides_dir / "test" / "*.tiff"),
-            "truth": str(slides_dir / "test_truth.csv")}
+            "truth": str(slides_dir / "test_truth.csv"),
+            "training_images": str(slides_dir / "train" / "*.tiff"),
+            "training_truth": str(slides_dir / "train.csv")}
 
 
 # --- runs ------------------------------------------------------------------------------
@@ -205,7 +214,8 @@ def run_variant(variant: str, seed: int, run_dir: Path, records: Path, held_out:
         history = json.loads((run_dir / "history.json").read_text())
         weights = ["--keras_weights", str(run_dir / "converted")]
     else:
-        overrides.update(VARIANTS[variant])
+        overrides.update({key: value.format(**held_out) if isinstance(value, str) else value
+                          for key, value in VARIANTS[variant].items()})
         _run([sys.executable, "-m", "jaxseg.train", f"--config={_CONFIG.value}",
               f"--workdir={run_dir}", *[f"--config.{k}={v}" for k, v in overrides.items()]])
         history = json.loads((run_dir / "fold_0" / "history.json").read_text())

@@ -12,8 +12,9 @@ on the device (`colour.py`, `warp.py`), so images travel as uint8.
 
 Beyond the recipe, a stain jitter (HED) and a hue shift make a model trained on a few
 slides less sensitive to another lab's stain; both are off unless their probability is
-set, and their draws leave the recipe's draws for a seed as they were. So is a
-shift-scale-rotate (albumentations' ShiftScaleRotate, as in top HuBMAP solutions).
+set, and their draws leave the recipe's draws for a seed as they were. So are a
+shift-scale-rotate (albumentations' ShiftScaleRotate), a blur and noise, the
+augmentations top HuBMAP solutions added.
 """
 from __future__ import annotations
 
@@ -162,10 +163,10 @@ def _stain_factors(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Ten
         tf.random.experimental.stateless_fold_in(seed, 1, alg=_RNG), num=2, alg=_RNG))
     delta, scale, shift = config.hue_max_delta, config.hed_scale, config.hed_shift
     hue = _draw(hue_seed, config.hue_prob, (-delta, delta),
-                         identity=colour.IDENTITY[colour.HUE])
+                identity=colour.IDENTITY[colour.HUE])
     hed = _draw(hed_seed, config.hed_prob,
-                         ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
-                         identity=colour.IDENTITY[colour.HED])
+                ([1 - scale] * 3 + [-shift] * 3, [1 + scale] * 3 + [shift] * 3),
+                identity=colour.IDENTITY[colour.HED])
     return tf.concat([hue[None], hed], axis=0)
 
 
@@ -192,10 +193,9 @@ def _warp_params(seed: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tenso
     so that the other ops draw what they drew before this one existed."""
     rotate, scale, shift = config.rotate_limit, config.scale_limit, config.shift_limit
     return _draw(tf.random.experimental.stateless_fold_in(seed, 2, alg=_RNG),
-                          config.shift_scale_rotate_prob,
-                          ([-rotate, 1 - scale, -shift, -shift],
-                           [rotate, 1 + scale, shift, shift]),
-                          identity=warp.IDENTITY)
+                 config.shift_scale_rotate_prob,
+                 ([-rotate, 1 - scale, -shift, -shift], [rotate, 1 + scale, shift, shift]),
+                 identity=warp.IDENTITY)
 
 
 def _uniform(seed: tf.Tensor, low: Any = 0.0, high: Any = 1.0) -> tf.Tensor:
@@ -223,7 +223,7 @@ def _maybe(condition: tf.Tensor, transform: Callable[[], Any], identity: Any) ->
 
 
 def _draw(seed: tf.Tensor, probability: float, factor_range: tuple[Any, Any],
-                   identity: Any = 1.0) -> tf.Tensor:
+          identity: Any = 1.0) -> tf.Tensor:
     """Factors uniform in the range (scalar bounds, or one pair per factor) with the
     op's probability, else the op's identity (no op)."""
     coin_seed, factor_seed = tf.unstack(

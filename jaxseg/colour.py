@@ -5,9 +5,10 @@ the host flips and rotates them (`augment.py`, on whole bytes) and draws each ex
 colour factors; the device turns them into floats and applies the factors, per-pixel
 work that fuses into a few elementwise loops beside the network's convolutions.
 
-Besides the recipe's saturation, contrast and brightness, two ops model slides stained
-or scanned elsewhere: a jitter of the haematoxylin, eosin and DAB concentrations
-(Ruifrok & Johnston's colour deconvolution, as in Tellez et al. 2018) and a hue shift.
+Besides the recipe's saturation, contrast and brightness, ops model slides stained or
+scanned elsewhere: a jitter of the haematoxylin, eosin and DAB concentrations (Ruifrok &
+Johnston's colour deconvolution, as in Tellez et al. 2018), a hue shift, and a blur and
+noise (a scanner's focus and sensor).
 """
 from __future__ import annotations
 
